@@ -1,0 +1,3 @@
+from layersplice.cli import main
+
+main()
