@@ -1,0 +1,139 @@
+"""Execute plans: write interpolated checkpoints shard by shard, with provenance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from layersplice import __version__
+from layersplice.blocks import keep_sequence
+from layersplice.checkpoint.atomic import atomic_directory
+from layersplice.checkpoint.source import INDEX_FILE, SIDE_FILES
+from layersplice.checkpoint.writer import ProgressFn, WrittenFile, sha256_file, write_shards
+from layersplice.configs import spliced_config
+from layersplice.job import Job
+from layersplice.plan import Plan, make_plan
+
+PROVENANCE_FILE = "layersplice.json"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Built:
+    directory: Path
+    plan: Plan
+    files: dict[str, dict]
+
+
+def write_model(job: Job, plan: Plan, directory: Path, choice: dict, shard_size: int, progress: ProgressFn | None = None) -> dict[str, dict]:
+    """Write one splice into an existing empty directory; returns {file: {size, sha256}}."""
+    shards = write_shards(directory, plan.tensors, shard_size, progress)
+    _write_json(directory / INDEX_FILE, _index(shards, plan.nbytes))
+    config, rewritten = spliced_config(job.pair, plan, job.configs, job.cast)
+    _write_json(directory / "config.json", config)
+    source_dir = job.checkpoint(plan.embeddings_from).directory
+    for name in SIDE_FILES:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, directory / name)
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p) if p.suffix != ".safetensors" else None}
+        for p in sorted(directory.iterdir())
+    }
+    for shard in shards:
+        files[shard.name]["sha256"] = shard.sha256
+    _write_json(directory / PROVENANCE_FILE, _provenance(job, plan, choice, rewritten, files))
+    return files
+
+
+def _index(shards: list[WrittenFile], total_size: int) -> dict:
+    weight_map = {name: shard.name for shard in shards for name in shard.tensors}
+    return {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def _provenance(job: Job, plan: Plan, choice: dict, rewritten: dict[str, str], files: dict) -> dict:
+    alignment = job.pair.alignment
+    return {
+        "layersplice_version": __version__,
+        "sources": job.describe_sources(),
+        "alignment": {
+            "copied_teacher_layers": list(alignment.copied),
+            "teacher_layers": alignment.n_teacher,
+            "from": job.alignment_origin,
+        },
+        "choice": choice,
+        "patched_blocks": sorted(plan.patched),
+        "embeddings_from": plan.embeddings_from,
+        "head_from": plan.head_from,
+        "tied_embeddings": plan.tied,
+        "dtype": job.cast,
+        "layers": [
+            {"index": l.index, "model": l.model, "source_layer": l.source_layer, "block": l.block}
+            for l in plan.layers
+        ],
+        "per_layer_config": rewritten,
+        "parameters": plan.params,
+        "files": files,
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def build_one(job: Job, plan: Plan, out: Path, choice: dict, shard_size: int, force: bool, progress: ProgressFn | None = None) -> Built:
+    with atomic_directory(out, force) as tmp:
+        files = write_model(job, plan, tmp, choice, shard_size, progress)
+    return Built(out, plan, files)
+
+
+def size_name(name: str, plan: Plan) -> str:
+    return f"{name}-{plan.n_layers}L"
+
+
+def all_plans(job: Job, order: str) -> list[tuple[int, Plan]]:
+    """One plan per distinct size along the order: the fewest-patched choice of each size."""
+    plans: dict[int, tuple[int, Plan]] = {}
+    for keep, patched in keep_sequence(job.pair.alignment, order):
+        plan = make_plan(job.pair, patched, job.cast)
+        plans.setdefault(plan.n_layers, (keep, plan))
+    return sorted(plans.values(), key=lambda kp: kp[1].n_layers)
+
+
+def build_all(
+    job: Job, order: str, out: Path, name: str, shard_size: int, force: bool,
+    progress: ProgressFn | None = None, on_size: Callable[[str, Plan], None] | None = None,
+) -> list[Built]:
+    """Every size into out/<name>-<layers>L/ plus out/manifest.json."""
+    built = []
+    with atomic_directory(out, force) as tmp:
+        for keep, plan in all_plans(job, order):
+            sub = size_name(name, plan)
+            if on_size:
+                on_size(sub, plan)
+            (tmp / sub).mkdir()
+            choice = {"keep": keep, "order": order}
+            files = write_model(job, plan, tmp / sub, choice, shard_size, progress)
+            built.append(Built(out / sub, plan, files))
+        _write_json(tmp / MANIFEST_FILE, _manifest(job, built))
+    return built
+
+
+def _manifest(job: Job, built: list[Built]) -> dict:
+    return {
+        "layersplice_version": __version__,
+        "sources": job.describe_sources(),
+        "sizes": [
+            {
+                "directory": b.directory.name,
+                "layers": b.plan.n_layers,
+                "parameters": b.plan.params,
+                "bytes": sum(f["size"] for f in b.files.values()),
+                "patched_blocks": sorted(b.plan.patched),
+                "files": {n: f["sha256"] for n, f in b.files.items()},
+            }
+            for b in built
+        ],
+    }

@@ -1,0 +1,194 @@
+"""Open a checkpoint (local directory or Hugging Face repo id) from its headers only."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from layersplice.checkpoint.safetensors_format import TensorInfo, read_header
+from layersplice.errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+# Files a model directory carries beside its weights, copied from the model
+# that supplies the embeddings.
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+HUB_PATTERNS = [CONFIG_FILE, INDEX_FILE, "*.safetensors", "student_config.json", *SIDE_FILES]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model directory seen through its config and safetensors headers."""
+
+    reference: str
+    directory: Path
+    config: dict
+    tensors: dict[str, TensorInfo]
+    files: tuple[Path, ...]
+    revision: str | None = None
+    index_metadata: dict = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def open_checkpoint(reference: str | Path, revision: str | None = None) -> Checkpoint:
+    """Open a local directory, or resolve a hub repo id through huggingface_hub."""
+    directory = resolve_directory(str(reference), revision)
+    config = read_config(directory)
+    files, index_metadata, weight_map = _weight_files(directory)
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        header = read_header(path)
+        for name, info in header.tensors.items():
+            if name in tensors:
+                raise CheckpointError(
+                    f"{directory}: tensor {name!r} appears in both {tensors[name].file.name} "
+                    f"and {path.name}"
+                )
+            tensors[name] = info
+    if weight_map is not None:
+        _check_index(directory, weight_map, tensors)
+    if not tensors:
+        raise CheckpointError(f"{directory}: the checkpoint holds no tensors")
+    return Checkpoint(str(reference), directory, config, tensors, tuple(files), revision, index_metadata)
+
+
+def resolve_directory(reference: str, revision: str | None) -> Path:
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{reference}: not a directory; give the model directory")
+    if _looks_like_path(reference):
+        raise CheckpointError(f"{reference}: no such directory")
+    return _download_from_hub(reference, revision)
+
+
+def _looks_like_path(reference: str) -> bool:
+    """Hub ids are 'name' or 'owner/name'; anything else is meant as a path."""
+    return REPO_ID.fullmatch(reference) is None or reference.startswith(".")
+
+
+def _download_from_hub(repo_id: str, revision: str | None) -> Path:
+    """Resolve a repo id via huggingface_hub (cache, HF_HUB_OFFLINE, token, revision)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f"@{revision}" if revision else ""
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{repo_id}{at}: revision not found on the hub") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"{repo_id}: no such local directory and no such hub repository "
+            "(check the id, or log in with `hf auth login` for a gated repo)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{repo_id}{at}: not a local directory and not in the Hugging Face cache "
+            "(offline mode or no network); download it first or unset HF_HUB_OFFLINE"
+        ) from None
+    except (HfHubHTTPError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{repo_id}{at}: cannot resolve on the hub ({exc})") from None
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json; is this a Hugging Face model directory?")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not valid JSON") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return config
+
+
+def _weight_files(directory: Path) -> tuple[list[Path], dict, dict[str, str] | None]:
+    index_path = directory / INDEX_FILE
+    if index_path.is_file():
+        weight_map, metadata = _read_index(index_path)
+        names = sorted(set(weight_map.values()))
+        return [_member_file(directory, index_path, name) for name in names], metadata, weight_map
+    single = directory / SINGLE_FILE
+    if single.is_file():
+        return [single], {}, None
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise CheckpointError(
+            f"{directory}: only PyTorch pickle weights found; convert them to safetensors "
+            "(layersplice never loads pickles)"
+        )
+    raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise CheckpointError(
+            f"{index_path}: expected JSON with a 'weight_map' of tensor name to file name"
+        ) from None
+    metadata = index.get("metadata") or {}
+    return weight_map, metadata if isinstance(metadata, dict) else {}
+
+
+def _member_file(directory: Path, index_path: Path, name: str) -> Path:
+    """A shard named by the index: a plain file name inside the directory."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name or os.path.isabs(name):
+        raise CheckpointError(
+            f"{index_path}: shard name {name!r} is not a plain file name in the checkpoint directory"
+        )
+    path = directory / name
+    if not path.is_file():
+        raise CheckpointError(f"{index_path}: names {name!r}, which does not exist")
+    return path
+
+
+def _check_index(directory: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]) -> None:
+    for name, file_name in weight_map.items():
+        info = tensors.get(name)
+        if info is None:
+            raise CheckpointError(
+                f"{directory / INDEX_FILE}: lists tensor {name!r} in {file_name}, which does not hold it"
+            )
+        if info.file.name != file_name:
+            raise CheckpointError(
+                f"{directory / INDEX_FILE}: says {name!r} is in {file_name} but it is in {info.file.name}"
+            )
+    extra = sorted(set(tensors) - set(weight_map))
+    if extra:
+        raise CheckpointError(
+            f"{directory / INDEX_FILE}: tensor {extra[0]!r} is in {tensors[extra[0]].file.name} "
+            "but missing from the index"
+        )

@@ -1,0 +1,182 @@
+"""The command-line edge: parse, call, print. User errors are caught once, here."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from layersplice import __version__
+from layersplice.alignment import AlignmentSpec, parse_layer_list
+from layersplice.blocks import ORDERS, by_blocks, by_keep, by_layers, by_patch
+from layersplice.errors import EXIT_INTERNAL, LayerspliceError
+from layersplice.job import Job, open_job
+from layersplice.recipe import Recipe, load_recipe, model_reference
+from layersplice.units import parse_bytes
+
+err_console = Console(stderr=True)
+DTYPE_CHOICES = {"fp32": "F32", "float32": "F32", "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16"}
+
+
+class LayerspliceGroup(click.Group):
+    """Turns LayerspliceError into one line and exit 2; anything else is internal (exit 1)."""
+
+    def invoke(self, ctx: click.Context):
+        debug = bool(ctx.params.get("debug"))
+        try:
+            return super().invoke(ctx)
+        except LayerspliceError as exc:
+            if debug:
+                traceback.print_exc()
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            err_console.print("interrupted; nothing was left at the output path")
+            ctx.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the one place internal errors are reported
+            if debug:
+                traceback.print_exc()
+            err_console.print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                highlight=False, soft_wrap=True,
+            )
+            ctx.exit(EXIT_INTERNAL)
+
+
+@click.group(cls=LayerspliceGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="layersplice")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def cli(debug: bool) -> None:
+    """Build any model size between a teacher and its boomerang-distilled student.
+
+    \b
+    Typical flow:
+      layersplice inspect ./teacher                 what is in a checkpoint
+      layersplice plan --recipe recipes/tiny.yaml   every reachable size
+      layersplice build --recipe recipes/tiny.yaml --keep 2
+      layersplice build --teacher T --student S --all --out sizes/
+    """
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What the shared source options resolved to."""
+
+    job: Job
+    recipe: Recipe | None
+    order: str
+    shard_size: int
+
+
+def source_options(func):
+    """Options naming the teacher, the student, the alignment and the dtype."""
+    options = [
+        click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), help="Recipe YAML (recipes/*.yaml) naming teacher, student, alignment, order and output."),
+        click.option("--teacher", help="Teacher: local directory or Hugging Face repo id."),
+        click.option("--student", help="Distilled student: local directory or Hugging Face repo id."),
+        click.option("--teacher-revision", help="Hub revision (branch, tag or commit) of the teacher."),
+        click.option("--student-revision", help="Hub revision (branch, tag or commit) of the student."),
+        click.option("--copied-teacher-layers", help="Teacher layer each student layer was copied from, e.g. 0,2,4,6. Overrides everything else."),
+        click.option("--first", type=int, help="Alignment rule: leading one-layer blocks (reference default 1)."),
+        click.option("--every", type=int, help="Alignment rule: teacher layers per block (reference default 2)."),
+        click.option("--last", type=int, help="Alignment rule: trailing one-layer blocks (reference default 2)."),
+        click.option("--order", type=click.Choice(ORDERS), help="Patch blocks from the end (last) or the start (first). Default: the recipe's, else last."),
+        click.option("--dtype", type=click.Choice(sorted(DTYPE_CHOICES)), help="Cast floating tensors (streams chunk by chunk). Default: copy bytes as they are."),
+        click.option("--arch", "arch_file", type=click.Path(dir_okay=False, path_type=Path), help="Family description YAML for a model layersplice does not know."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def resolve_sources(recipe_path, teacher, student, teacher_revision, student_revision,
+                    copied_teacher_layers, first, every, last, order, dtype, arch_file,
+                    shard_size: str | None = None) -> Sources:
+    recipe, base = load_recipe(recipe_path) if recipe_path else (None, Path("."))
+    if recipe is None and not (teacher and student):
+        raise LayerspliceError("name the models: --teacher T --student S, or --recipe recipes/NAME.yaml")
+    specs = []
+    if copied_teacher_layers:
+        specs.append(AlignmentSpec(copied=parse_layer_list(copied_teacher_layers), origin="--copied-teacher-layers"))
+    rule = (first, every, last)
+    if any(v is not None for v in rule):
+        if any(v is None for v in rule):
+            raise LayerspliceError("--first, --every and --last go together: give all three")
+        specs.append(AlignmentSpec(rule=rule, origin="--first/--every/--last"))
+    if recipe is not None:
+        specs.append(recipe.alignment.spec(f"recipe {recipe_path}"))
+    cast = DTYPE_CHOICES[dtype] if dtype else (recipe.dtype if recipe else None)
+    job = open_job(
+        teacher or model_reference(recipe.teacher, base),
+        student or model_reference(recipe.student, base),
+        specs,
+        cast,
+        (teacher_revision or (recipe and recipe.teacher_revision), student_revision or (recipe and recipe.student_revision)),
+        arch_file,
+    )
+    for note in job.warnings:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    size = shard_size or (recipe.shard_size if recipe else "5GB")
+    return Sources(job, recipe, order or (recipe.order if recipe else "last"), parse_bytes(size))
+
+
+def choice_options(func):
+    options = [
+        click.option("--keep", type=int, help="Keep K student blocks; replace every other block by its teacher block."),
+        click.option("--patch", type=int, help="Patch k multi-layer blocks, counted as the reference code counts them."),
+        click.option("--layers", type=int, help="The model with L layers."),
+        click.option("--blocks", help="Patch exactly these student blocks, e.g. 3,4,7."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def choose(sources: Sources, keep, patch, layers, blocks) -> tuple[frozenset[int], dict]:
+    given = {k: v for k, v in (("keep", keep), ("patch", patch), ("layers", layers), ("blocks", blocks)) if v is not None}
+    if len(given) != 1:
+        raise LayerspliceError("choose the size with exactly one of --keep, --patch, --layers, --blocks (or --all)")
+    alignment, order = sources.job.pair.alignment, sources.order
+    if keep is not None:
+        patched = by_keep(alignment, keep, order)
+    elif patch is not None:
+        patched = by_patch(alignment, patch, order)
+    elif layers is not None:
+        patched = by_layers(alignment, layers, order)
+    else:
+        patched = by_blocks(alignment, parse_layer_list(blocks))
+    return patched, {**given, "order": order}
+
+
+def with_sources(func):
+    """Collect the source options into one resolved Sources argument."""
+
+    @functools.wraps(func)
+    def wrapper(recipe, teacher, student, teacher_revision, student_revision, copied_teacher_layers,
+                first, every, last, order, dtype, arch_file, **kwargs):
+        sources = resolve_sources(recipe, teacher, student, teacher_revision, student_revision,
+                                  copied_teacher_layers, first, every, last, order, dtype, arch_file,
+                                  kwargs.pop("shard_size", None))
+        return func(sources, **kwargs)
+
+    return wrapper
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    # SIGTERM unwinds like an exception, so temporaries are cleaned up.
+    signal.signal(signal.SIGTERM, _terminate)
+    cli(prog_name="layersplice")
+
+
+from layersplice import commands  # noqa: E402,F401 - registers the subcommands on `cli`

@@ -1,0 +1,117 @@
+"""build, plan and inspect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+from layersplice import display
+from layersplice.build import all_plans, build_all, build_one
+from layersplice.cli import Sources, choice_options, choose, cli, source_options, with_sources
+from layersplice.errors import LayerspliceError
+from layersplice.job import single_layout
+from layersplice.plan import make_plan
+
+console = Console()
+
+
+def _progress() -> Progress:
+    return Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+        TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+    )
+
+
+@cli.command()
+@source_options
+@choice_options
+@click.option("--all", "all_sizes", is_flag=True, help="Write every size to OUT/<name>-<layers>L/ plus OUT/manifest.json.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output directory. Default: the recipe's 'out'.")
+@click.option("--name", help="Name used in --all subdirectories. Default: the recipe's name, else the teacher's folder name.")
+@click.option("--shard-size", help="Largest shard, e.g. 5GB (default), 500MB, 2GiB.")
+@click.option("--force", is_flag=True, help="Replace an existing layersplice output at --out.")
+@with_sources
+def build(sources: Sources, keep, patch, layers, blocks, all_sizes, out, name, force) -> None:
+    """Write an interpolated Hugging Face checkpoint, shard by shard.
+
+    Tensor bytes are copied straight from the teacher and student files (no
+    decoding unless --dtype asks for a cast), so memory stays small whatever
+    the model size. The output appears atomically.
+
+    \b
+    Examples:
+      layersplice build --recipe recipes/llama3.yaml --keep 12
+      layersplice build --teacher ./teacher --student ./student --keep 4 --out ./mid
+      layersplice build --recipe recipes/tiny.yaml --all --out sizes/
+    """
+    job = sources.job
+    name = name or (sources.recipe.name if sources.recipe else Path(job.teacher.directory).name)
+    if all_sizes:
+        if any(v is not None for v in (keep, patch, layers, blocks)):
+            raise LayerspliceError("--all writes every size; drop --keep/--patch/--layers/--blocks")
+        target = out or (Path("out") / name)
+        total = sum(plan.nbytes for _, plan in all_plans(job, sources.order))
+        with _progress() as progress:
+            task = progress.add_task("writing all sizes", total=total)
+            built = build_all(
+                job, sources.order, target, name, sources.shard_size, force,
+                progress=lambda n: progress.advance(task, n),
+                on_size=lambda sub, plan: progress.update(task, description=f"writing {sub}"),
+            )
+        display.built_table(console, built, target)
+        return
+    patched, choice = choose(sources, keep, patch, layers, blocks)
+    plan = make_plan(job.pair, patched, job.cast)
+    if out is None:
+        if sources.recipe is None:
+            raise LayerspliceError("say where to write: --out DIR (or use a recipe with an 'out' pattern)")
+        out = sources.recipe.output_path(plan.n_layers)
+    with _progress() as progress:
+        task = progress.add_task(f"writing {out}", total=plan.nbytes)
+        result = build_one(job, plan, out, choice, sources.shard_size, force, lambda n: progress.advance(task, n))
+    display.built_table(console, [result], out)
+
+
+@cli.command()
+@source_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@with_sources
+def plan(sources: Sources, as_json: bool) -> None:
+    """Show every reachable size before writing anything.
+
+    One row per --keep value from the student down to the teacher: layers,
+    parameters, bytes on disk and the teacher blocks used.
+
+    \b
+    Example:
+      layersplice plan --recipe recipes/tiny.yaml
+    """
+    job = sources.job
+    rows = display.plan_rows(job, sources.order)
+    if as_json:
+        click.echo(json.dumps(display.plan_json(job, sources.order, rows), indent=2))
+    else:
+        display.plan_table(console, job, sources.order, rows)
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--revision", help="Hub revision when PATH is a repo id.")
+@click.option("--arch", "arch_file", type=click.Path(dir_okay=False, path_type=Path), help="Family description YAML for an unknown model.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect(path: str, revision, arch_file, as_json: bool) -> None:
+    """Show a checkpoint: family, layers, parameters, dtypes, shards, alignment.
+
+    PATH is a local model directory or a Hugging Face repo id.
+    """
+    checkpoint, layout = single_layout(path, revision, arch_file)
+    info = display.inspect_info(checkpoint, layout)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        display.inspect_table(console, info)
+

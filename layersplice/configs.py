@@ -1,0 +1,84 @@
+"""config.json for a splice: layer count, every per-layer entry, and tying (METHOD.md §4-5)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+from layersplice.errors import ArchitectureError
+from layersplice.plan import Pair, Plan
+
+TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def per_layer_values(config: dict, key: str, n_layers: int) -> list | None:
+    """A per-layer list as the model sees it, even where config.json leaves it implicit.
+
+    Qwen2/3 derive layer_types from max_window_layers and Gemma 3 from
+    sliding_window_pattern when the list is absent; transformers' own config
+    class is the authority on that derivation.
+    """
+    value = config.get(key)
+    if isinstance(value, list):
+        return value if len(value) == n_layers else _wrong_length(key, len(value), n_layers)
+    derived = getattr(_transformers_config(config), key, None)
+    if isinstance(derived, list) and len(derived) == n_layers:
+        return list(derived)
+    return None
+
+
+def _wrong_length(key: str, got: int, n_layers: int) -> list:
+    raise ArchitectureError(f"config.json: {key} has {got} entries but the model has {n_layers} layers")
+
+
+def _transformers_config(config: dict):
+    try:
+        from transformers import AutoConfig
+
+        data = {k: v for k, v in config.items() if k not in ("auto_map",)}
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoConfig.for_model(model_type, **data)
+    except (ImportError, ValueError, KeyError, TypeError):
+        return None
+
+
+def spliced_config(pair: Pair, plan: Plan, configs: dict[str, dict], cast: str | None) -> tuple[dict, dict[str, str]]:
+    """The output config and the per-layer keys rewritten (key -> how)."""
+    base = copy.deepcopy(configs[plan.embeddings_from])
+    layout = pair.layout(plan.embeddings_from)
+    n_out = plan.n_layers
+    base[layout.num_layers_key] = n_out
+    rewritten: dict[str, str] = {}
+    for key in layout.per_layer_lists:
+        sources = {m: per_layer_values(configs[m], key, pair.layout(m).n_layers) for m in configs}
+        if any(v is None for v in sources.values()):
+            continue
+        base[key] = [sources[layer.model][layer.source_layer] for layer in plan.layers]
+        rewritten[key] = "per layer"
+    for key in layout.per_layer_thresholds:
+        value = _threshold(plan, configs, key)
+        if value is not None:
+            base[key] = value
+            rewritten[key] = "threshold"
+    if not plan.tied:
+        base["tie_word_embeddings"] = False
+    if cast:
+        # transformers 5 writes "dtype", older versions "torch_dtype".
+        base["dtype" if "dtype" in base else "torch_dtype"] = TORCH_DTYPE_NAMES[cast]
+    return base, rewritten
+
+
+def _threshold(plan: Plan, configs: dict[str, dict], key: str) -> int | None:
+    """Rewrite 'layers below index N are special' so each layer keeps its side of N.
+
+    Where the kept layers no longer form a prefix, the explicit per-layer list
+    (layer_types) carries the truth and N counts the leading run.
+    """
+    if not all(isinstance(configs[m].get(key), int) for m in configs):
+        return None
+    below = [layer.source_layer < configs[layer.model][key] for layer in plan.layers]
+    return next((i for i, b in enumerate(below) if not b), len(below))

@@ -1,0 +1,134 @@
+"""Rich tables and JSON views for plan, inspect and build results."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from layersplice import __version__
+from layersplice.alignment import read_student_config
+from layersplice.architectures.layout import Layout
+from layersplice.blocks import by_patch, keep_sequence
+from layersplice.checkpoint.source import Checkpoint
+from layersplice.errors import LayerspliceError
+from layersplice.job import Job
+from layersplice.plan import Plan, make_plan
+from layersplice.units import format_bytes, format_params
+
+
+def plan_rows(job: Job, order: str) -> list[tuple[int, Plan, int | None]]:
+    """(keep, plan, reference --patch k giving the same blocks or None) for every keep."""
+    alignment = job.pair.alignment
+    patch_of: dict[frozenset[int], int] = {}
+    for k in range(alignment.n_student + 1):
+        try:
+            patch_of.setdefault(by_patch(alignment, k, order), k)
+        except LayerspliceError:
+            break
+    return [
+        (keep, make_plan(job.pair, patched, job.cast), patch_of.get(patched))
+        for keep, patched in keep_sequence(alignment, order)
+    ]
+
+
+def plan_json(job: Job, order: str, rows) -> dict:
+    alignment = job.pair.alignment
+    return {
+        "layersplice_version": __version__,
+        "family": job.pair.teacher.family,
+        "order": order,
+        "alignment": {"copied_teacher_layers": list(alignment.copied), "teacher_layers": alignment.n_teacher, "from": job.alignment_origin},
+        "blocks": [list(b) for b in alignment.blocks],
+        "sizes": [
+            {
+                "keep": keep,
+                "patch": k,
+                "layers": plan.n_layers,
+                "parameters": plan.params,
+                "bytes": plan.nbytes,
+                "teacher_blocks": list(plan.teacher_blocks),
+                "embeddings_from": plan.embeddings_from,
+                "head_from": plan.head_from,
+            }
+            for keep, plan, k in rows
+        ],
+    }
+
+
+def plan_table(console: Console, job: Job, order: str, rows) -> None:
+    alignment = job.pair.alignment
+    console.print(
+        f"[bold]{job.pair.teacher.family}[/]: teacher {alignment.n_teacher} layers, student "
+        f"{alignment.n_student} layers, order [bold]{order}[/], alignment from {job.alignment_origin}"
+    )
+    table = Table(show_lines=False)
+    for column in ("--keep", "--patch", "layers", "parameters", "on disk", "teacher blocks (teacher layers)"):
+        table.add_column(column, justify="right" if column != "teacher blocks (teacher layers)" else "left")
+    for keep, plan, k in rows:
+        used = ", ".join(f"{b} ({_span(alignment.blocks[b])})" for b in plan.teacher_blocks) or "-"
+        table.add_row(str(keep), "" if k is None else str(k), str(plan.n_layers), format_params(plan.params), format_bytes(plan.nbytes), used)
+    console.print(table)
+
+
+def _span(block: tuple[int, int]) -> str:
+    start, end = block
+    return str(start) if end - start == 1 else f"{start}-{end - 1}"
+
+
+def inspect_info(checkpoint: Checkpoint, layout: Layout) -> dict:
+    dtypes = Counter(t.dtype for t in checkpoint.tensors.values())
+    params = sum(t.numel for t in checkpoint.tensors.values())
+    copied = read_student_config(checkpoint.directory)
+    return {
+        "path": str(checkpoint.directory),
+        "model_type": checkpoint.config.get("model_type"),
+        "family": layout.family,
+        "inferred": layout.inferred,
+        "per_layer_lists": list(layout.per_layer_lists),
+        "layers": layout.n_layers,
+        "parameters": params,
+        "bytes": checkpoint.total_bytes,
+        "dtypes": dict(sorted(dtypes.items())),
+        "tied_embeddings": layout.tied,
+        "shards": [{"file": p.name, "bytes": p.stat().st_size} for p in checkpoint.files],
+        "student_alignment": list(copied) if copied is not None else None,
+    }
+
+
+def inspect_table(console: Console, info: dict) -> None:
+    table = Table(show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    family = info["family"] + (" — layout inferred from tensor names" if info["inferred"] else "")
+    rows = [
+        ("path", info["path"]),
+        ("model_type", str(info["model_type"])),
+        ("family", family),
+        ("layers", str(info["layers"])),
+        ("parameters", f"{format_params(info['parameters'])} ({info['parameters']:,})"),
+        ("tensor bytes", format_bytes(info["bytes"])),
+        ("dtypes", ", ".join(f"{d} × {n}" for d, n in info["dtypes"].items())),
+        ("tied embeddings", "yes" if info["tied_embeddings"] else "no"),
+        ("shards", ", ".join(f"{s['file']} ({format_bytes(s['bytes'])})" for s in info["shards"])),
+    ]
+    if info["per_layer_lists"]:
+        rows.append(("per-layer config", ", ".join(info["per_layer_lists"])))
+    if info["student_alignment"] is not None:
+        rows.append(("student of teacher layers", ",".join(map(str, info["student_alignment"]))))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+def built_table(console: Console, built, where: Path) -> None:
+    table = Table(title=f"wrote {where}")
+    for column in ("directory", "layers", "parameters", "on disk", "teacher blocks"):
+        table.add_column(column)
+    for item in built:
+        size = sum(f["size"] for f in item.files.values())
+        blocks = ",".join(map(str, item.plan.teacher_blocks)) or "-"
+        table.add_row(str(item.directory), str(item.plan.n_layers), format_params(item.plan.params), format_bytes(size), blocks)
+    console.print(table)

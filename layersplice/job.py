@@ -1,0 +1,69 @@
+"""Resolve what the user named (paths or hub ids, alignment sources) into a checked pair."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from layersplice.alignment import AlignmentSpec, read_student_config, resolve_alignment
+from layersplice.architectures.layout import Layout, layout_of
+from layersplice.checkpoint.source import Checkpoint, open_checkpoint
+from layersplice.plan import STUDENT, TEACHER, Pair, check_pair
+
+
+@dataclass(frozen=True)
+class Job:
+    teacher: Checkpoint
+    student: Checkpoint
+    pair: Pair
+    alignment_origin: str
+    cast: str | None
+    warnings: tuple[str, ...] = ()
+
+    def checkpoint(self, model: str) -> Checkpoint:
+        return self.teacher if model == TEACHER else self.student
+
+    @property
+    def configs(self) -> dict[str, dict]:
+        return {TEACHER: self.teacher.config, STUDENT: self.student.config}
+
+    def describe_sources(self) -> dict:
+        return {
+            model: {"reference": ckpt.reference, "revision": ckpt.revision, "directory": str(ckpt.directory)}
+            for model, ckpt in ((TEACHER, self.teacher), (STUDENT, self.student))
+        }
+
+
+def open_job(
+    teacher: str,
+    student: str,
+    specs: list[AlignmentSpec],
+    cast: str | None = None,
+    revisions: tuple[str | None, str | None] = (None, None),
+    arch_file: Path | None = None,
+) -> Job:
+    t_ckpt = open_checkpoint(teacher, revisions[0])
+    s_ckpt = open_checkpoint(student, revisions[1])
+    t_layout = layout_of(t_ckpt, arch_file)
+    s_layout = layout_of(s_ckpt, arch_file)
+    alignment, origin = resolve_alignment(specs, t_layout.n_layers, s_ckpt.directory)
+    pair = check_pair(t_layout, s_layout, alignment, cast)
+    notes = _disagreement(s_ckpt, alignment.copied, origin)
+    if t_layout.inferred and t_layout.per_layer_lists:
+        notes += (f"inferred family: treating {', '.join(t_layout.per_layer_lists)} as per-layer lists",)
+    return Job(t_ckpt, s_ckpt, pair, origin, cast, notes)
+
+
+def _disagreement(student: Checkpoint, copied: tuple[int, ...], origin: str) -> tuple[str, ...]:
+    recorded = read_student_config(student.directory)
+    if recorded is None or tuple(recorded) == copied:
+        return ()
+    return (
+        f"the alignment from {origin} ({list(copied)}) overrides the student's own "
+        f"student_config.json ({list(recorded)})",
+    )
+
+
+def single_layout(reference: str, revision: str | None = None, arch_file: Path | None = None) -> tuple[Checkpoint, Layout]:
+    checkpoint = open_checkpoint(reference, revision)
+    return checkpoint, layout_of(checkpoint, arch_file)

@@ -1,0 +1,119 @@
+"""Recipe files (recipes/*.yaml): a strict schema whose errors name the line at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from layersplice.alignment import AlignmentSpec
+from layersplice.errors import RecipeError
+
+DEFAULT_OUT = "out/{name}-{layers}L"
+
+
+class RecipeAlignment(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    first: int | None = None
+    every: int | None = None
+    last: int | None = None
+    copied_teacher_layers: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "RecipeAlignment":
+        rule = (self.first, self.every, self.last)
+        if self.copied_teacher_layers is not None and any(v is not None for v in rule):
+            raise ValueError("give either first/every/last or copied_teacher_layers, not both")
+        if any(v is None for v in rule) and any(v is not None for v in rule):
+            raise ValueError("first, every and last go together: give all three")
+        return self
+
+    def spec(self, origin: str) -> AlignmentSpec:
+        if self.copied_teacher_layers is not None:
+            return AlignmentSpec(copied=tuple(self.copied_teacher_layers), origin=origin)
+        if self.first is not None:
+            return AlignmentSpec(rule=(self.first, self.every, self.last), origin=origin)
+        return AlignmentSpec(origin=origin)
+
+
+class Recipe(BaseModel):
+    """One teacher/student pair and how to export its sizes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    teacher: str
+    student: str
+    teacher_revision: str | None = None
+    student_revision: str | None = None
+    alignment: RecipeAlignment = RecipeAlignment()
+    order: Literal["last", "first"] = "last"
+    out: str = DEFAULT_OUT
+    dtype: Literal["F32", "BF16", "F16"] | None = None
+    shard_size: str = "5GB"
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError("name must be a plain word usable in a directory name")
+        return name
+
+    def output_path(self, layers: int | str) -> Path:
+        return Path(self.out.format(name=self.name, layers=layers))
+
+
+def load_recipe(path: Path) -> tuple[Recipe, Path]:
+    """Parse a recipe; local model paths resolve relative to the recipe's folder."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of keys such as name, teacher, student")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        line = _line_of(root, error["loc"])
+        field = ".".join(str(p) for p in error["loc"]) or "recipe"
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        raise RecipeError(f"{path}:{line}: {field}: {message}") from None
+    return recipe, path.parent
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int:
+    """1-based line of the YAML node at a pydantic error location."""
+    line = node.start_mark.line + 1 if node is not None else 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def model_reference(value: str, base: Path) -> str:
+    """A local path relative to the recipe if it exists or looks like a path; else a hub id."""
+    candidate = (base / value).expanduser()
+    if value.startswith((".", "/", "~")) or candidate.is_dir():
+        return str(candidate)
+    return value
