@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Callable
 
 from layersplice import __version__
-from layersplice.blocks import keep_sequence
+from layersplice.alignment import STUDENT_CONFIG_NAME, Alignment
+from layersplice.architectures.layout import Layout
+from layersplice.blocks import by_layers, keep_sequence, size_of
 from layersplice.checkpoint.atomic import atomic_directory
-from layersplice.checkpoint.source import INDEX_FILE, SIDE_FILES
+from layersplice.checkpoint.source import INDEX_FILE, SIDE_FILES, Checkpoint
 from layersplice.checkpoint.writer import ProgressFn, WrittenFile, sha256_file, write_shards
 from layersplice.configs import spliced_config
 from layersplice.job import Job
-from layersplice.plan import Plan, make_plan
+from layersplice.plan import TEACHER, Plan, make_plan, student_init_plan
 
 PROVENANCE_FILE = "layersplice.json"
 MANIFEST_FILE = "manifest.json"
@@ -30,22 +32,25 @@ class Built:
 
 def write_model(job: Job, plan: Plan, directory: Path, choice: dict, shard_size: int, progress: ProgressFn | None = None) -> dict[str, dict]:
     """Write one splice into an existing empty directory; returns {file: {size, sha256}}."""
-    shards = write_shards(directory, plan.tensors, shard_size, progress)
-    _write_json(directory / INDEX_FILE, _index(shards, plan.nbytes))
-    config, rewritten = spliced_config(job.pair, plan, job.configs, job.cast)
-    _write_json(directory / "config.json", config)
-    source_dir = job.checkpoint(plan.embeddings_from).directory
-    for name in SIDE_FILES:
-        if (source_dir / name).is_file():
-            shutil.copyfile(source_dir / name, directory / name)
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p) if p.suffix != ".safetensors" else None}
-        for p in sorted(directory.iterdir())
-    }
-    for shard in shards:
-        files[shard.name]["sha256"] = shard.sha256
+    config, rewritten = spliced_config(job.layouts, plan, job.configs, job.cast)
+    files = write_checkpoint(directory, plan, config, job.checkpoint(plan.embeddings_from).directory, shard_size, progress)
     _write_json(directory / PROVENANCE_FILE, _provenance(job, plan, choice, rewritten, files))
     return files
+
+
+def write_checkpoint(directory: Path, plan: Plan, config: dict, side_dir: Path, shard_size: int, progress: ProgressFn | None) -> dict[str, dict]:
+    """Shards, index, config and the tokenizer/generation files of `side_dir`."""
+    shards = write_shards(directory, plan.tensors, shard_size, progress)
+    _write_json(directory / INDEX_FILE, _index(shards, plan.nbytes))
+    _write_json(directory / "config.json", config)
+    for name in SIDE_FILES:
+        if (side_dir / name).is_file():
+            shutil.copyfile(side_dir / name, directory / name)
+    hashes = {shard.name: shard.sha256 for shard in shards}
+    return {
+        p.name: {"size": p.stat().st_size, "sha256": hashes.get(p.name) or sha256_file(p)}
+        for p in sorted(directory.iterdir())
+    }
 
 
 def _index(shards: list[WrittenFile], total_size: int) -> dict:
@@ -93,13 +98,16 @@ def size_name(name: str, plan: Plan) -> str:
     return f"{name}-{plan.n_layers}L"
 
 
-def all_plans(job: Job, order: str) -> list[tuple[int, Plan]]:
-    """One plan per distinct size along the order: the fewest-patched choice of each size."""
-    plans: dict[int, tuple[int, Plan]] = {}
-    for keep, patched in keep_sequence(job.pair.alignment, order):
-        plan = make_plan(job.pair, patched, job.cast)
-        plans.setdefault(plan.n_layers, (keep, plan))
-    return sorted(plans.values(), key=lambda kp: kp[1].n_layers)
+def all_plans(job: Job, order: str) -> list[tuple[int | None, Plan]]:
+    """(keep, plan) for every distinct size along the order, each chosen as --layers chooses it."""
+    alignment = job.pair.alignment
+    keep_of = {patched: keep for keep, patched in keep_sequence(alignment, order)}
+    sizes = sorted({size_of(alignment, patched) for patched in keep_of})
+    plans = []
+    for layers in sizes:
+        patched = by_layers(alignment, layers, order)
+        plans.append((keep_of.get(patched), make_plan(job.pair, patched, job.cast)))
+    return plans
 
 
 def build_all(
@@ -114,7 +122,7 @@ def build_all(
             if on_size:
                 on_size(sub, plan)
             (tmp / sub).mkdir()
-            choice = {"keep": keep, "order": order}
+            choice = {"layers": plan.n_layers, "keep": keep, "order": order}
             files = write_model(job, plan, tmp / sub, choice, shard_size, progress)
             built.append(Built(out / sub, plan, files))
         _write_json(tmp / MANIFEST_FILE, _manifest(job, built))
@@ -137,3 +145,26 @@ def _manifest(job: Job, built: list[Built]) -> dict:
             for b in built
         ],
     }
+
+
+def init_student(
+    teacher: Checkpoint, layout: Layout, alignment: Alignment, origin: str, out: Path,
+    cast: str | None, shard_size: int, force: bool, progress: ProgressFn | None = None,
+) -> Built:
+    """Stream the kept teacher layers into a new student checkpoint (METHOD.md §2)."""
+    plan = student_init_plan(layout, alignment, cast)
+    config, rewritten = spliced_config({TEACHER: layout}, plan, {TEACHER: teacher.config}, cast)
+    with atomic_directory(out, force) as tmp:
+        files = write_checkpoint(tmp, plan, config, teacher.directory, shard_size, progress)
+        _write_json(tmp / STUDENT_CONFIG_NAME, alignment.student_config())
+        _write_json(tmp / PROVENANCE_FILE, {
+            "layersplice_version": __version__,
+            "kind": "init-student",
+            "sources": {TEACHER: {"reference": teacher.reference, "revision": teacher.revision, "directory": str(teacher.directory)}},
+            "alignment": {"copied_teacher_layers": list(alignment.copied), "teacher_layers": alignment.n_teacher, "from": origin},
+            "dtype": cast,
+            "per_layer_config": rewritten,
+            "parameters": plan.params,
+            "files": files,
+        })
+    return Built(out, plan, files)

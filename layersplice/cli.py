@@ -102,14 +102,7 @@ def resolve_sources(recipe_path, teacher, student, teacher_revision, student_rev
     recipe, base = load_recipe(recipe_path) if recipe_path else (None, Path("."))
     if recipe is None and not (teacher and student):
         raise LayerspliceError("name the models: --teacher T --student S, or --recipe recipes/NAME.yaml")
-    specs = []
-    if copied_teacher_layers:
-        specs.append(AlignmentSpec(copied=parse_layer_list(copied_teacher_layers), origin="--copied-teacher-layers"))
-    rule = (first, every, last)
-    if any(v is not None for v in rule):
-        if any(v is None for v in rule):
-            raise LayerspliceError("--first, --every and --last go together: give all three")
-        specs.append(AlignmentSpec(rule=rule, origin="--first/--every/--last"))
+    specs = alignment_specs(copied_teacher_layers, first, every, last)
     if recipe is not None:
         specs.append(recipe.alignment.spec(f"recipe {recipe_path}"))
     cast = DTYPE_CHOICES[dtype] if dtype else (recipe.dtype if recipe else None)
@@ -125,6 +118,19 @@ def resolve_sources(recipe_path, teacher, student, teacher_revision, student_rev
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     size = shard_size or (recipe.shard_size if recipe else "5GB")
     return Sources(job, recipe, order or (recipe.order if recipe else "last"), parse_bytes(size))
+
+
+def alignment_specs(copied_teacher_layers, first, every, last) -> list[AlignmentSpec]:
+    """The command line's alignment sources, highest precedence first."""
+    specs = []
+    if copied_teacher_layers:
+        specs.append(AlignmentSpec(copied=parse_layer_list(copied_teacher_layers), origin="--copied-teacher-layers"))
+    rule = (first, every, last)
+    if any(v is not None for v in rule):
+        if any(v is None for v in rule):
+            raise LayerspliceError("--first, --every and --last go together: give all three")
+        specs.append(AlignmentSpec(rule=rule, origin="--first/--every/--last"))
+    return specs
 
 
 def choice_options(func):

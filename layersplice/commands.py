@@ -10,11 +10,16 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from layersplice import display
-from layersplice.build import all_plans, build_all, build_one
-from layersplice.cli import Sources, choice_options, choose, cli, source_options, with_sources
+from layersplice.alignment import AlignmentSpec, resolve_alignment
+from layersplice.build import all_plans, build_all, build_one, init_student
+from layersplice.cli import (
+    DTYPE_CHOICES, Sources, alignment_specs, choice_options, choose, cli, source_options, with_sources,
+)
 from layersplice.errors import LayerspliceError
 from layersplice.job import single_layout
-from layersplice.plan import make_plan
+from layersplice.plan import make_plan, student_init_plan
+from layersplice.recipe import load_recipe, model_reference
+from layersplice.units import parse_bytes
 
 console = Console()
 
@@ -115,3 +120,48 @@ def inspect(path: str, revision, arch_file, as_json: bool) -> None:
     else:
         display.inspect_table(console, info)
 
+
+
+@cli.command("init-student")
+@click.option("--teacher", help="Teacher: local directory or Hugging Face repo id.")
+@click.option("--revision", help="Hub revision of the teacher.")
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), help="Take the teacher and alignment from a recipe.")
+@click.option("--first", type=int, help="Leading one-layer blocks (reference default 1).")
+@click.option("--every", type=int, help="Teacher layers per block (reference default 2).")
+@click.option("--last", type=int, help="Trailing one-layer blocks (reference default 2).")
+@click.option("--copied-teacher-layers", help="Exact teacher layers to keep, e.g. 0,2,4,5.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the new student.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPE_CHOICES)), help="Cast floating tensors.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest shard.")
+@click.option("--arch", "arch_file", type=click.Path(dir_okay=False, path_type=Path), help="Family description YAML for an unknown model.")
+@click.option("--force", is_flag=True, help="Replace an existing layersplice output at --out.")
+def init_student_command(teacher, revision, recipe, first, every, last, copied_teacher_layers, out, dtype, shard_size, arch_file, force) -> None:
+    """Make the initial student from kept teacher layers (before distillation).
+
+    Streams the kept layers (same machinery and memory bound as build),
+    rewrites the config, copies the tokenizer and writes student_config.json
+    in the reference format. Without an alignment the reference's rule
+    first=1 every=2 last=2 is used.
+
+    \b
+    Example:
+      layersplice init-student --teacher Qwen/Qwen3-4B --out qwen3-student --first 1 --every 2 --last 2
+    """
+    specs = alignment_specs(copied_teacher_layers, first, every, last)
+    if recipe is not None:
+        parsed, base = load_recipe(recipe)
+        teacher = teacher or model_reference(parsed.teacher, base)
+        revision = revision or parsed.teacher_revision
+        specs.append(parsed.alignment.spec(f"recipe {recipe}"))
+    if teacher is None:
+        raise LayerspliceError("name the teacher: --teacher T or --recipe R")
+    specs.append(AlignmentSpec(rule=(1, 2, 2), origin="the reference default first=1 every=2 last=2"))
+    checkpoint, layout = single_layout(teacher, revision, arch_file)
+    alignment, origin = resolve_alignment(specs, layout.n_layers, None)
+    cast = DTYPE_CHOICES[dtype] if dtype else None
+    plan_bytes = student_init_plan(layout, alignment, cast).nbytes
+    with _progress() as progress:
+        task = progress.add_task(f"writing {out}", total=plan_bytes)
+        result = init_student(checkpoint, layout, alignment, origin, out, cast, parse_bytes(shard_size), force, lambda n: progress.advance(task, n))
+    console.print(f"student of teacher layers {','.join(map(str, alignment.copied))} ({origin})")
+    display.built_table(console, [result], out)

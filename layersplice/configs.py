@@ -6,7 +6,8 @@ import copy
 import warnings
 
 from layersplice.errors import ArchitectureError
-from layersplice.plan import Pair, Plan
+from layersplice.architectures.layout import Layout
+from layersplice.plan import Plan
 
 TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
@@ -46,15 +47,19 @@ def _transformers_config(config: dict):
         return None
 
 
-def spliced_config(pair: Pair, plan: Plan, configs: dict[str, dict], cast: str | None) -> tuple[dict, dict[str, str]]:
-    """The output config and the per-layer keys rewritten (key -> how)."""
+def spliced_config(layouts: dict[str, Layout], plan: Plan, configs: dict[str, dict], cast: str | None) -> tuple[dict, dict[str, str]]:
+    """The output config and the per-layer keys rewritten (key -> how).
+
+    `layouts` and `configs` are keyed by model ("teacher", "student"); each
+    output layer takes its per-layer entries from the layer it came from.
+    """
     base = copy.deepcopy(configs[plan.embeddings_from])
-    layout = pair.layout(plan.embeddings_from)
+    layout = layouts[plan.embeddings_from]
     n_out = plan.n_layers
     base[layout.num_layers_key] = n_out
     rewritten: dict[str, str] = {}
     for key in layout.per_layer_lists:
-        sources = {m: per_layer_values(configs[m], key, pair.layout(m).n_layers) for m in configs}
+        sources = {m: per_layer_values(configs[m], key, layouts[m].n_layers) for m in layouts}
         if any(v is None for v in sources.values()):
             continue
         base[key] = [sources[layer.model][layer.source_layer] for layer in plan.layers]
@@ -78,7 +83,7 @@ def _threshold(plan: Plan, configs: dict[str, dict], key: str) -> int | None:
     Where the kept layers no longer form a prefix, the explicit per-layer list
     (layer_types) carries the truth and N counts the leading run.
     """
-    if not all(isinstance(configs[m].get(key), int) for m in configs):
+    if not all(isinstance(configs[layer.model].get(key), int) for layer in plan.layers):
         return None
     below = [layer.source_layer < configs[layer.model][key] for layer in plan.layers]
     return next((i for i, b in enumerate(below) if not b), len(below))

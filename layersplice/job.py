@@ -24,6 +24,10 @@ class Job:
         return self.teacher if model == TEACHER else self.student
 
     @property
+    def layouts(self) -> dict[str, Layout]:
+        return {TEACHER: self.pair.teacher, STUDENT: self.pair.student}
+
+    @property
     def configs(self) -> dict[str, dict]:
         return {TEACHER: self.teacher.config, STUDENT: self.student.config}
 

@@ -127,21 +127,34 @@ def _check_tensor(what: str, t: TensorInfo, s: TensorInfo, cast: str | None) -> 
 def make_plan(pair: Pair, patched: frozenset[int], cast: str | None = None) -> Plan:
     """Every output tensor of the splice that patches `patched` blocks."""
     last = pair.alignment.n_student - 1
-    emb_from = TEACHER if 0 in patched else STUDENT
-    head_from = TEACHER if last in patched else STUDENT
     layers: list[OutputLayer] = []
     for block, (start, end) in enumerate(pair.alignment.blocks):
         sources = [(TEACHER, t) for t in range(start, end)] if block in patched else [(STUDENT, block)]
         layers.extend(OutputLayer(len(layers), m, src, block) for m, src in sources)
+    layouts = {TEACHER: pair.teacher, STUDENT: pair.student}
+    emb_from = TEACHER if 0 in patched else STUDENT
+    head_from = TEACHER if last in patched else STUDENT
+    return _assemble(layouts, layers, emb_from, head_from, frozenset(patched), cast)
 
+
+def student_init_plan(teacher: Layout, alignment: Alignment, cast: str | None = None) -> Plan:
+    """The initial student: the kept teacher layers, renumbered, with the teacher's embeddings and head."""
+    layers = [OutputLayer(i, TEACHER, t, i) for i, t in enumerate(alignment.copied)]
+    return _assemble({TEACHER: teacher}, layers, TEACHER, TEACHER, frozenset(), cast)
+
+
+def _assemble(
+    layouts: dict[str, Layout], layers: list[OutputLayer], emb_from: str, head_from: str,
+    patched: frozenset[int], cast: str | None,
+) -> Plan:
     def planned(name: str, info: TensorInfo, model: str) -> PlannedTensor:
         dtype = cast if cast and info.dtype in FLOAT_DTYPES else info.dtype
         return PlannedTensor(name, info, model, dtype)
 
-    emb, head = pair.layout(emb_from), pair.layout(head_from)
+    emb, head = layouts[emb_from], layouts[head_from]
     tensors = [planned(t.name, t, emb_from) for t in emb.embeddings]
     for out in layers:
-        src = pair.layout(out.model)
+        src = layouts[out.model]
         tensors += [
             planned(src.layer_name(out.index, src.suffix(t)), t, out.model)
             for t in src.layers[out.source_layer]
@@ -151,4 +164,4 @@ def make_plan(pair: Pair, patched: frozenset[int], cast: str | None = None) -> P
     if head.tied and not tied:
         # The head ties to an embedding that is not the one we write: give it its own tensor.
         tensors.append(planned(head.tied_head_name, head.tied_embedding(), head_from))
-    return Plan(frozenset(patched), tuple(layers), tuple(tensors), emb_from, head_from, tied)
+    return Plan(patched, tuple(layers), tuple(tensors), emb_from, head_from, tied)

@@ -1,0 +1,117 @@
+"""What a distill run is asked to do: frozen settings, checked once up front."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from layersplice.errors import LayerspliceError
+
+DEFAULT_VAL_TOKENS = 2**18
+
+
+class DistillError(LayerspliceError):
+    """The distill settings do not fit together or do not fit the models."""
+
+
+class DataError(LayerspliceError):
+    """The training text cannot be read as asked."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the text comes from and how it is cut into blocks."""
+
+    files: tuple[Path, ...] = ()
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    synthetic: bool = False
+    seq_len: int = 2048
+    val_tokens: int | None = None
+    val_fraction: float | None = None
+    shuffle_window: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        given = sum([bool(self.files), self.dataset is not None, self.synthetic])
+        if given != 1:
+            raise DataError(
+                "give exactly one data source: --data FILE_OR_DIR (repeatable), "
+                "--dataset NAME, or --synthetic-data"
+            )
+        if self.val_tokens is not None and self.val_fraction is not None:
+            raise DataError("give --val-tokens or --val-fraction, not both")
+        if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
+            raise DataError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.seq_len < 2:
+            raise DataError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if self.shuffle_window < 1:
+            raise DataError(f"--shuffle-window must be at least 1, got {self.shuffle_window}")
+
+    @property
+    def held_out_tokens(self) -> int:
+        """Validation budget in tokens when no fraction is given."""
+        return DEFAULT_VAL_TOKENS if self.val_tokens is None else self.val_tokens
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """One distill run. Defaults are the reference recipe (METHOD.md §3)."""
+
+    teacher: Path
+    student: Path
+    out: Path
+    data: DataSpec
+    steps: int = 500
+    batch_size: int = 2048
+    micro_batch_size: int = 4
+    lr: float = 3e-4
+    warmup: float = 0.01
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    kl_weight: float = 0.1
+    temperature: float = 1.0
+    cos_weight: float = 2.0
+    eval_every: int = 50
+    save_every: int = 100
+    resume: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        positive = {
+            "--steps": self.steps,
+            "--batch-size": self.batch_size,
+            "--micro-batch-size": self.micro_batch_size,
+            "--temperature": self.temperature,
+        }
+        for flag, value in positive.items():
+            if value <= 0:
+                raise DistillError(f"{flag} must be positive, got {value}")
+        if not 0 <= self.warmup < 1:
+            raise DistillError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.eval_every < 0 or self.save_every < 0:
+            raise DistillError("--eval-every and --save-every must be >= 0 (0 turns them off)")
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each process."""
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise DistillError(
+                f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size "
+                f"{self.micro_batch_size} x {world_size} processes; change one of them"
+            )
+        return self.batch_size // per_step
+
+    def run_identity(self) -> dict:
+        """Settings a resumed run must share with the run it continues.
+
+        The process count and the micro-batch size are left out on purpose: they
+        change how the global batch is computed, not what it is.
+        """
+        identity = asdict(self)
+        for key in ("teacher", "student", "out", "resume", "device", "micro_batch_size"):
+            identity.pop(key)
+        identity["data"]["files"] = [str(p) for p in self.data.files]
+        return identity
