@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from layersplice.distill.losses import LossWeights
 from layersplice.errors import LayerspliceError
 
 DEFAULT_VAL_TOKENS = 2**18
@@ -71,9 +72,7 @@ class DistillConfig:
     warmup: float = 0.01
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    kl_weight: float = 0.1
-    temperature: float = 1.0
-    cos_weight: float = 2.0
+    loss: LossWeights = LossWeights()
     eval_every: int = 50
     save_every: int = 100
     resume: bool = False
@@ -84,7 +83,7 @@ class DistillConfig:
             "--steps": self.steps,
             "--batch-size": self.batch_size,
             "--micro-batch-size": self.micro_batch_size,
-            "--temperature": self.temperature,
+            "--temperature": self.loss.temperature,
         }
         for flag, value in positive.items():
             if value <= 0:

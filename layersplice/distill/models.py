@@ -1,0 +1,123 @@
+"""Teacher and student as transformers models, checked against each other and the alignment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from layersplice.alignment import STUDENT_CONFIG_NAME, Alignment, read_student_config
+from layersplice.distill.config import DistillConfig, DistillError
+from layersplice.distill.losses import aligned_hidden_states
+from layersplice.distill.parallel import World, place
+from layersplice.errors import AlignmentError, CheckpointError
+
+
+@dataclass
+class Models:
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    alignment: Alignment
+    tokenizer: object | None
+    stored_dtype: torch.dtype  # the student's dtype on disk, used again for the output
+    student_indices: list[int]
+    teacher_indices: list[int]
+
+
+def _check_model_dir(path: Path, flag: str) -> None:
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{flag} {path}: no config.json; give a local transformers model directory "
+            "(download one with `hf download NAME --local-dir DIR`)"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise CheckpointError(f"{flag} {path}: no .safetensors weights; save the model with safetensors")
+
+
+def _stored_dtype(path: Path) -> torch.dtype:
+    from transformers import AutoConfig
+
+    dtype = AutoConfig.from_pretrained(path).dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype or torch.float32
+
+
+def _load(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=False, use_safetensors=True
+    )
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError):
+        return None
+
+
+def load_models(config: DistillConfig, world: World) -> Models:
+    """Teacher frozen in eval mode (bf16 on CUDA), student in fp32 for training; both placed."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    _check_model_dir(config.teacher, "--teacher")
+    _check_model_dir(config.student, "--student")
+    copied = read_student_config(config.student)
+    if copied is None:
+        raise AlignmentError(
+            f"--student {config.student}: no {STUDENT_CONFIG_NAME}; make the student with "
+            "`layersplice init-student`, which writes it"
+        )
+    teacher_dtype = torch.bfloat16 if world.device.type == "cuda" else torch.float32
+    teacher = _load(config.teacher, teacher_dtype).eval().requires_grad_(False)
+    student = _load(config.student, torch.float32).train()
+    alignment = Alignment(copied, teacher.config.num_hidden_layers)
+    _check_pair(teacher, student, alignment, config)
+    pairs = aligned_hidden_states(alignment)
+    return Models(
+        teacher=place(teacher, world),
+        student=place(student, world),
+        alignment=alignment,
+        tokenizer=None if config.data.synthetic else _tokenizer(config.teacher),
+        stored_dtype=_stored_dtype(config.student),
+        student_indices=[s for s, _ in pairs],
+        teacher_indices=[t for _, t in pairs],
+    )
+
+
+def _check_pair(teacher, student, alignment: Alignment, config: DistillConfig) -> None:
+    if student.config.num_hidden_layers != alignment.n_student:
+        raise AlignmentError(
+            f"--student {config.student}: {student.config.num_hidden_layers} layers, but "
+            f"{STUDENT_CONFIG_NAME} lists {alignment.n_student} copied teacher layers; "
+            "re-create the student with `layersplice init-student`"
+        )
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise DistillError(
+            f"teacher vocabulary {teacher.config.vocab_size} != student vocabulary "
+            f"{student.config.vocab_size}; the student must come from this teacher"
+        )
+    for model, flag in ((teacher, "--teacher"), (student, "--student")):
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and config.data.seq_len > limit:
+            raise DistillError(
+                f"--seq-len {config.data.seq_len} is longer than {flag}'s "
+                f"max_position_embeddings {limit}; lower --seq-len"
+            )
+
+
+def hidden_states_at(output, indices: list[int], n_layers: int) -> list[torch.Tensor]:
+    """The aligned entries of an HF output's hidden_states; the others are released with it."""
+    states = output.hidden_states
+    if len(states) != n_layers + 1:
+        raise DistillError(
+            f"the model returned {len(states)} hidden states for {n_layers} layers; distill "
+            "needs transformers' layout [embeddings, layer outputs..., final normed]"
+        )
+    return [states[i] for i in indices]

@@ -1,0 +1,162 @@
+"""Processes and devices: one process, or torchrun with FSDP2 (NCCL on GPU, gloo on CPU).
+
+Everything here is a thin call into torch.distributed; with one process every
+helper degrades to the plain single-device operation, so the loop has one path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from layersplice.distill.config import DistillError
+from layersplice.errors import ArchitectureError
+
+# FSDP2 warns that the root returns views (HF's ModelOutput); we never modify them in place.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA; fp32 on CPU, where bf16 matmuls are slow and inexact."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def start_world(device: str) -> World:
+    """Join the torchrun process group when WORLD_SIZE > 1."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise DistillError("--device cuda asked for, but torch sees no CUDA device")
+        torch.cuda.set_device(local_rank)
+        chosen = torch.device("cuda", local_rank)
+    else:
+        chosen = torch.device("cpu")
+    if size > 1 and not dist.is_initialized():
+        if chosen.type == "cuda":
+            dist.init_process_group("nccl", device_id=chosen)
+        else:
+            dist.init_process_group("gloo")
+    return World(rank, size, chosen)
+
+
+def stop_world(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks FSDP shards one by one: the classes HF lists in _no_split_modules."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [module for module in model.modules() if type(module).__name__ in names]
+    if not layers:
+        raise ArchitectureError(
+            f"{type(model).__name__} names no decoder layer class (_no_split_modules); "
+            "it cannot be sharded: run distill with one process"
+        )
+    return layers
+
+
+def place(model: torch.nn.Module, world: World) -> torch.nn.Module:
+    """The model on this process's device; with several processes, sharded by FSDP2."""
+    if world.size == 1:
+        return model.to(world.device)
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def mean_over_ranks(values: torch.Tensor, world: World) -> torch.Tensor:
+    if world.size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        values /= world.size
+    return values
+
+
+def sum_over_ranks(values: torch.Tensor, world: World) -> torch.Tensor:
+    if world.size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (across shards); return the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+_FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights on CPU; complete on rank 0 (the only rank that writes)."""
+    return get_model_state_dict(model, options=_FULL_ON_CPU)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return get_optimizer_state_dict(model, optimizer, options=_FULL_ON_CPU)
+
+
+def load_full_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict,
+    world: World,
+) -> None:
+    """Load full state dicts that rank 0 read from disk; other ranks get them broadcast."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.size > 1)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def broadcast_object(value: object, world: World) -> object:
+    """Rank 0's `value` on every rank."""
+    if world.size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value: object, world: World) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    if world.size == 1:
+        return [value]
+    values: list = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
