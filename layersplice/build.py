@@ -13,14 +13,14 @@ from layersplice.alignment import STUDENT_CONFIG_NAME, Alignment
 from layersplice.architectures.layout import Layout
 from layersplice.blocks import by_layers, keep_sequence, size_of
 from layersplice.checkpoint.atomic import atomic_directory
+from layersplice.checkpoint.sealed_json import read_sealed, write_sealed
 from layersplice.checkpoint.source import INDEX_FILE, SIDE_FILES, Checkpoint
 from layersplice.checkpoint.writer import ProgressFn, WrittenFile, sha256_file, write_shards
 from layersplice.configs import spliced_config
 from layersplice.job import Job
+from layersplice.verify import MANIFEST_FILE, PROVENANCE_FILE, VerifyError, check_files
 from layersplice.plan import TEACHER, Plan, make_plan, student_init_plan
 
-PROVENANCE_FILE = "layersplice.json"
-MANIFEST_FILE = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def write_model(job: Job, plan: Plan, directory: Path, choice: dict, shard_size:
     """Write one splice into an existing empty directory; returns {file: {size, sha256}}."""
     config, rewritten = spliced_config(job.layouts, plan, job.configs, job.cast)
     files = write_checkpoint(directory, plan, config, job.checkpoint(plan.embeddings_from).directory, shard_size, progress)
-    _write_json(directory / PROVENANCE_FILE, _provenance(job, plan, choice, rewritten, files))
+    write_sealed(directory / PROVENANCE_FILE, _provenance(job, plan, choice, rewritten, files))
     return files
 
 
@@ -112,21 +112,51 @@ def all_plans(job: Job, order: str) -> list[tuple[int | None, Plan]]:
 
 def build_all(
     job: Job, order: str, out: Path, name: str, shard_size: int, force: bool,
-    progress: ProgressFn | None = None, on_size: Callable[[str, Plan], None] | None = None,
+    progress: ProgressFn | None = None, on_size: Callable[[str, Plan, bool], None] | None = None,
 ) -> list[Built]:
-    """Every size into out/<name>-<layers>L/ plus out/manifest.json."""
+    """Every size into out/<name>-<layers>L/ plus out/manifest.json.
+
+    A run that was killed leaves its finished sizes in a hidden temporary; the
+    next run adopts it and keeps each size whose files still verify.
+    """
     built = []
-    with atomic_directory(out, force) as tmp:
+    with atomic_directory(out, force, adopt=True) as tmp:
         for keep, plan in all_plans(job, order):
             sub = size_name(name, plan)
-            if on_size:
-                on_size(sub, plan)
-            (tmp / sub).mkdir()
             choice = {"layers": plan.n_layers, "keep": keep, "order": order}
-            files = write_model(job, plan, tmp / sub, choice, shard_size, progress)
+            files = _verified_files(job, plan, choice, tmp / sub)
+            if on_size:
+                on_size(sub, plan, files is not None)
+            if files is None:
+                shutil.rmtree(tmp / sub, ignore_errors=True)
+                (tmp / sub).mkdir()
+                files = write_model(job, plan, tmp / sub, choice, shard_size, progress)
+            elif progress:
+                progress(plan.nbytes)
+            files = {**files, PROVENANCE_FILE: _file_record(tmp / sub / PROVENANCE_FILE)}
             built.append(Built(out / sub, plan, files))
-        _write_json(tmp / MANIFEST_FILE, _manifest(job, built))
+        write_sealed(tmp / MANIFEST_FILE, _manifest(job, built))
     return built
+
+
+def _file_record(path: Path) -> dict:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _verified_files(job: Job, plan: Plan, choice: dict, directory: Path) -> dict | None:
+    """The recorded files of an earlier, intact build of exactly this size, else None."""
+    provenance, problem = read_sealed(directory / PROVENANCE_FILE)
+    if problem:
+        return None
+    _, rewritten = spliced_config(job.layouts, plan, job.configs, job.cast)
+    expected = _provenance(job, plan, choice, rewritten, provenance["files"])
+    if {k: v for k, v in provenance.items() if k != "checksum"} != expected:
+        return None
+    try:
+        check_files(directory, provenance["files"], str(directory / PROVENANCE_FILE))
+    except VerifyError:
+        return None
+    return provenance["files"]
 
 
 def _manifest(job: Job, built: list[Built]) -> dict:
@@ -157,7 +187,7 @@ def init_student(
     with atomic_directory(out, force) as tmp:
         files = write_checkpoint(tmp, plan, config, teacher.directory, shard_size, progress)
         _write_json(tmp / STUDENT_CONFIG_NAME, alignment.student_config())
-        _write_json(tmp / PROVENANCE_FILE, {
+        write_sealed(tmp / PROVENANCE_FILE, {
             "layersplice_version": __version__,
             "kind": "init-student",
             "sources": {TEACHER: {"reference": teacher.reference, "revision": teacher.revision, "directory": str(teacher.directory)}},

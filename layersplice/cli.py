@@ -75,6 +75,12 @@ class Sources:
     shard_size: int
 
 
+allow_pickle_option = click.option(
+    "--allow-pickle", is_flag=True,
+    help="Read PyTorch .bin weights (torch.load with weights_only=True). Off by default: pickles can run code.",
+)
+
+
 def source_options(func):
     """Options naming the teacher, the student, the alignment and the dtype."""
     options = [
@@ -90,6 +96,7 @@ def source_options(func):
         click.option("--order", type=click.Choice(ORDERS), help="Patch blocks from the end (last) or the start (first). Default: the recipe's, else last."),
         click.option("--dtype", type=click.Choice(sorted(DTYPE_CHOICES)), help="Cast floating tensors (streams chunk by chunk). Default: copy bytes as they are."),
         click.option("--arch", "arch_file", type=click.Path(dir_okay=False, path_type=Path), help="Family description YAML for a model layersplice does not know."),
+        allow_pickle_option,
     ]
     for option in reversed(options):
         func = option(func)
@@ -98,7 +105,7 @@ def source_options(func):
 
 def resolve_sources(recipe_path, teacher, student, teacher_revision, student_revision,
                     copied_teacher_layers, first, every, last, order, dtype, arch_file,
-                    shard_size: str | None = None) -> Sources:
+                    allow_pickle: bool = False, shard_size: str | None = None) -> Sources:
     recipe, base = load_recipe(recipe_path) if recipe_path else (None, Path("."))
     if recipe is None and not (teacher and student):
         raise LayerspliceError("name the models: --teacher T --student S, or --recipe recipes/NAME.yaml")
@@ -113,6 +120,7 @@ def resolve_sources(recipe_path, teacher, student, teacher_revision, student_rev
         cast,
         (teacher_revision or (recipe and recipe.teacher_revision), student_revision or (recipe and recipe.student_revision)),
         arch_file,
+        allow_pickle,
     )
     for note in job.warnings:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
@@ -166,10 +174,10 @@ def with_sources(func):
 
     @functools.wraps(func)
     def wrapper(recipe, teacher, student, teacher_revision, student_revision, copied_teacher_layers,
-                first, every, last, order, dtype, arch_file, **kwargs):
+                first, every, last, order, dtype, arch_file, allow_pickle, **kwargs):
         sources = resolve_sources(recipe, teacher, student, teacher_revision, student_revision,
                                   copied_teacher_layers, first, every, last, order, dtype, arch_file,
-                                  kwargs.pop("shard_size", None))
+                                  allow_pickle, kwargs.pop("shard_size", None))
         return func(sources, **kwargs)
 
     return wrapper

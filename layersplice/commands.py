@@ -13,13 +13,14 @@ from layersplice import display
 from layersplice.alignment import AlignmentSpec, resolve_alignment
 from layersplice.build import all_plans, build_all, build_one, init_student
 from layersplice.cli import (
-    DTYPE_CHOICES, Sources, alignment_specs, choice_options, choose, cli, source_options, with_sources,
+    DTYPE_CHOICES, Sources, alignment_specs, allow_pickle_option, choice_options, choose, cli, source_options, with_sources,
 )
 from layersplice.errors import LayerspliceError
 from layersplice.job import single_layout
 from layersplice.plan import make_plan, student_init_plan
 from layersplice.recipe import load_recipe, model_reference
-from layersplice.units import parse_bytes
+from layersplice.units import format_bytes, parse_bytes
+from layersplice.verify import verify_path
 
 console = Console()
 
@@ -65,7 +66,8 @@ def build(sources: Sources, keep, patch, layers, blocks, all_sizes, out, name, f
             built = build_all(
                 job, sources.order, target, name, sources.shard_size, force,
                 progress=lambda n: progress.advance(task, n),
-                on_size=lambda sub, plan: progress.update(task, description=f"writing {sub}"),
+                on_size=lambda sub, plan, kept: progress.update(
+                    task, description=f"{'kept verified' if kept else 'writing'} {sub}"),
             )
         display.built_table(console, built, target)
         return
@@ -108,12 +110,13 @@ def plan(sources: Sources, as_json: bool) -> None:
 @click.option("--revision", help="Hub revision when PATH is a repo id.")
 @click.option("--arch", "arch_file", type=click.Path(dir_okay=False, path_type=Path), help="Family description YAML for an unknown model.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def inspect(path: str, revision, arch_file, as_json: bool) -> None:
+@allow_pickle_option
+def inspect(path: str, revision, arch_file, as_json: bool, allow_pickle: bool) -> None:
     """Show a checkpoint: family, layers, parameters, dtypes, shards, alignment.
 
     PATH is a local model directory or a Hugging Face repo id.
     """
-    checkpoint, layout = single_layout(path, revision, arch_file)
+    checkpoint, layout = single_layout(path, revision, arch_file, allow_pickle)
     info = display.inspect_info(checkpoint, layout)
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -135,7 +138,8 @@ def inspect(path: str, revision, arch_file, as_json: bool) -> None:
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest shard.")
 @click.option("--arch", "arch_file", type=click.Path(dir_okay=False, path_type=Path), help="Family description YAML for an unknown model.")
 @click.option("--force", is_flag=True, help="Replace an existing layersplice output at --out.")
-def init_student_command(teacher, revision, recipe, first, every, last, copied_teacher_layers, out, dtype, shard_size, arch_file, force) -> None:
+@allow_pickle_option
+def init_student_command(teacher, revision, recipe, first, every, last, copied_teacher_layers, out, dtype, shard_size, arch_file, force, allow_pickle) -> None:
     """Make the initial student from kept teacher layers (before distillation).
 
     Streams the kept layers (same machinery and memory bound as build),
@@ -156,7 +160,7 @@ def init_student_command(teacher, revision, recipe, first, every, last, copied_t
     if teacher is None:
         raise LayerspliceError("name the teacher: --teacher T or --recipe R")
     specs.append(AlignmentSpec(rule=(1, 2, 2), origin="the reference default first=1 every=2 last=2"))
-    checkpoint, layout = single_layout(teacher, revision, arch_file)
+    checkpoint, layout = single_layout(teacher, revision, arch_file, allow_pickle)
     alignment, origin = resolve_alignment(specs, layout.n_layers, None)
     cast = DTYPE_CHOICES[dtype] if dtype else None
     plan_bytes = student_init_plan(layout, alignment, cast).nbytes
@@ -165,3 +169,27 @@ def init_student_command(teacher, revision, recipe, first, every, last, copied_t
         result = init_student(checkpoint, layout, alignment, origin, out, cast, parse_bytes(shard_size), force, lambda n: progress.advance(task, n))
     console.print(f"student of teacher layers {','.join(map(str, alignment.copied))} ({origin})")
     display.built_table(console, [result], out)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--against-sources", is_flag=True, help="Also compare every tensor with the teacher or student bytes it came from.")
+def verify(path: Path, against_sources: bool) -> None:
+    """Check an output's integrity; exit 0 only if every check passes.
+
+    Re-reads PATH (a build output or a `build --all` directory): the sealed
+    layersplice.json / manifest.json, the checksum of every file, every
+    safetensors header, the index, and the config against the tensors. A
+    single flipped byte anywhere fails. The first problem is named and the
+    exit code is 2.
+
+    \b
+    Examples:
+      layersplice verify out/tiny-5L
+      layersplice verify sizes/ --against-sources
+    """
+    result = verify_path(path, against_sources)
+    console.print(
+        f"[green]ok[/]: {len(result.directories)} model(s), {result.files} files, "
+        f"{format_bytes(result.bytes)} verified{' against sources' if against_sources else ''}"
+    )

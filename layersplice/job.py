@@ -45,9 +45,10 @@ def open_job(
     cast: str | None = None,
     revisions: tuple[str | None, str | None] = (None, None),
     arch_file: Path | None = None,
+    allow_pickle: bool = False,
 ) -> Job:
-    t_ckpt = open_checkpoint(teacher, revisions[0])
-    s_ckpt = open_checkpoint(student, revisions[1])
+    t_ckpt = open_checkpoint(teacher, revisions[0], allow_pickle)
+    s_ckpt = open_checkpoint(student, revisions[1], allow_pickle)
     t_layout = layout_of(t_ckpt, arch_file)
     s_layout = layout_of(s_ckpt, arch_file)
     alignment, origin = resolve_alignment(specs, t_layout.n_layers, s_ckpt.directory)
@@ -68,6 +69,8 @@ def _disagreement(student: Checkpoint, copied: tuple[int, ...], origin: str) -> 
     )
 
 
-def single_layout(reference: str, revision: str | None = None, arch_file: Path | None = None) -> tuple[Checkpoint, Layout]:
-    checkpoint = open_checkpoint(reference, revision)
+def single_layout(
+    reference: str, revision: str | None = None, arch_file: Path | None = None, allow_pickle: bool = False
+) -> tuple[Checkpoint, Layout]:
+    checkpoint = open_checkpoint(reference, revision, allow_pickle)
     return checkpoint, layout_of(checkpoint, arch_file)

@@ -35,18 +35,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(parent: Path) -> list[Path]:
-    """Remove temporaries of dead layersplice processes in `parent`."""
-    removed = []
+def stale_temporaries(parent: Path) -> list[Path]:
+    """Temporaries of layersplice processes that no longer run, in `parent`."""
     if not parent.is_dir():
-        return removed
-    for entry in parent.iterdir():
+        return []
+    stale = []
+    for entry in sorted(parent.iterdir()):
         for mark in (TMP_MARK, OLD_MARK):
             head, sep, pid = entry.name.rpartition(mark)
             if sep and head.startswith(".") and pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
-    return removed
+                stale.append(entry)
+    return stale
+
+
+def _adoptable(target: Path, stale: list[Path]) -> Path | None:
+    """The newest dead temporary written for this very target."""
+    prefix = f".{target.name}{TMP_MARK}"
+    own = [p for p in stale if p.name.startswith(prefix) and p.is_dir()]
+    return max(own, key=lambda p: p.stat().st_mtime) if own else None
 
 
 def check_target(target: Path, force: bool) -> None:
@@ -84,25 +90,41 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `target` when the block succeeds."""
+def atomic_directory(target: Path, force: bool = False, adopt: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `target` when the block succeeds.
+
+    With `adopt`, the temporary of a killed earlier run for the same target is
+    taken over (so finished parts can be kept) instead of being removed.
+    Any OSError while writing becomes a one-line OutputError, and the
+    temporary is removed.
+    """
     target = Path(target)
     check_target(target, force)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {target.parent}: {exc.strerror}") from None
-    clean_stale(target.parent)
+    stale = stale_temporaries(target.parent)
     tmp = temp_sibling(target)
+    previous = _adoptable(target, stale) if adopt else None
+    for entry in stale:
+        if entry != previous:
+            shutil.rmtree(entry, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
+        if previous is not None:
+            os.rename(previous, tmp)
+        else:
+            tmp.mkdir()
     except OSError as exc:
         raise OutputError(f"cannot write in {target.parent}: {exc.strerror}") from None
     try:
         yield tmp
         fsync_tree(tmp)
         _replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"writing {target} failed: {exc}; nothing was left at {target}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from layersplice.checkpoint.pickle_weights import PICKLE_INDEX, convert_to_safetensors, pickle_files
 from layersplice.checkpoint.safetensors_format import TensorInfo, read_header
 from layersplice.errors import CheckpointError
 
@@ -50,11 +51,14 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def open_checkpoint(reference: str | Path, revision: str | None = None) -> Checkpoint:
-    """Open a local directory, or resolve a hub repo id through huggingface_hub."""
-    directory = resolve_directory(str(reference), revision)
+def open_checkpoint(reference: str | Path, revision: str | None = None, allow_pickle: bool = False) -> Checkpoint:
+    """Open a local directory, or resolve a hub repo id through huggingface_hub.
+
+    PyTorch pickle weights are refused unless `allow_pickle` is set.
+    """
+    directory = resolve_directory(str(reference), revision, allow_pickle)
     config = read_config(directory)
-    files, index_metadata, weight_map = _weight_files(directory)
+    files, index_metadata, weight_map = _weight_files(directory, allow_pickle)
     tensors: dict[str, TensorInfo] = {}
     for path in files:
         header = read_header(path)
@@ -72,7 +76,7 @@ def open_checkpoint(reference: str | Path, revision: str | None = None) -> Check
     return Checkpoint(str(reference), directory, config, tensors, tuple(files), revision, index_metadata)
 
 
-def resolve_directory(reference: str, revision: str | None) -> Path:
+def resolve_directory(reference: str, revision: str | None, allow_pickle: bool = False) -> Path:
     path = Path(reference).expanduser()
     if path.is_dir():
         return path
@@ -80,7 +84,7 @@ def resolve_directory(reference: str, revision: str | None) -> Path:
         raise CheckpointError(f"{reference}: not a directory; give the model directory")
     if _looks_like_path(reference):
         raise CheckpointError(f"{reference}: no such directory")
-    return _download_from_hub(reference, revision)
+    return _download_from_hub(reference, revision, allow_pickle)
 
 
 def _looks_like_path(reference: str) -> bool:
@@ -88,7 +92,7 @@ def _looks_like_path(reference: str) -> bool:
     return REPO_ID.fullmatch(reference) is None or reference.startswith(".")
 
 
-def _download_from_hub(repo_id: str, revision: str | None) -> Path:
+def _download_from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
     """Resolve a repo id via huggingface_hub (cache, HF_HUB_OFFLINE, token, revision)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -100,7 +104,8 @@ def _download_from_hub(repo_id: str, revision: str | None) -> Path:
 
     at = f"@{revision}" if revision else ""
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        patterns = HUB_PATTERNS + (["*.bin", PICKLE_INDEX] if allow_pickle else [])
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except RevisionNotFoundError:
         raise CheckpointError(f"{repo_id}{at}: revision not found on the hub") from None
     except RepositoryNotFoundError:
@@ -130,7 +135,7 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def _weight_files(directory: Path) -> tuple[list[Path], dict, dict[str, str] | None]:
+def _weight_files(directory: Path, allow_pickle: bool) -> tuple[list[Path], dict, dict[str, str] | None]:
     index_path = directory / INDEX_FILE
     if index_path.is_file():
         weight_map, metadata = _read_index(index_path)
@@ -139,11 +144,14 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict, dict[str, str] | N
     single = directory / SINGLE_FILE
     if single.is_file():
         return [single], {}, None
-    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
-        raise CheckpointError(
-            f"{directory}: only PyTorch pickle weights found; convert them to safetensors "
-            "(layersplice never loads pickles)"
-        )
+    pickles = pickle_files(directory)
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{directory}: only PyTorch pickle weights (.bin) found; convert them to safetensors, "
+                "or pass --allow-pickle to read them with torch.load(weights_only=True)"
+            )
+        return convert_to_safetensors(pickles), {}, None
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 

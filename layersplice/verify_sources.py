@@ -1,0 +1,89 @@
+"""verify --against-sources: re-plan from the provenance and compare every
+output tensor with the teacher or student byte range it came from."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from layersplice.alignment import Alignment, AlignmentSpec
+from layersplice.architectures.layout import layout_of
+from layersplice.checkpoint.source import Checkpoint, open_checkpoint
+from layersplice.errors import LayerspliceError
+from layersplice.job import open_job
+from layersplice.plan import TEACHER, PlannedTensor, make_plan, student_init_plan
+
+CHUNK = 16 << 20
+
+
+class SourceMismatch(LayerspliceError):
+    pass
+
+
+def _source_ref(entry: dict) -> str:
+    directory = entry.get("directory")
+    return directory if directory and Path(directory).is_dir() else entry["reference"]
+
+
+def _replan(provenance: dict) -> list[PlannedTensor]:
+    sources = provenance["sources"]
+    alignment = provenance["alignment"]
+    cast = provenance.get("dtype")
+    if provenance.get("kind") == "init-student":
+        teacher = open_checkpoint(_source_ref(sources[TEACHER]))
+        layout = layout_of(teacher)
+        aligned = Alignment(tuple(alignment["copied_teacher_layers"]), layout.n_layers)
+        return list(student_init_plan(layout, aligned, cast).tensors)
+    spec = AlignmentSpec(copied=tuple(alignment["copied_teacher_layers"]), origin="the provenance")
+    job = open_job(_source_ref(sources["teacher"]), _source_ref(sources["student"]), [spec], cast)
+    return list(make_plan(job.pair, frozenset(provenance["patched_blocks"]), cast).tensors)
+
+
+def check_against_sources(directory: Path, provenance: dict, output: Checkpoint) -> None:
+    try:
+        planned = _replan(provenance)
+    except LayerspliceError as exc:
+        raise SourceMismatch(f"{directory}: cannot re-open the sources recorded in layersplice.json: {exc}") from None
+    names = {p.name for p in planned}
+    if names != set(output.tensors):
+        odd = sorted(names ^ set(output.tensors))[0]
+        raise SourceMismatch(f"{directory}: tensor {odd!r} does not match the plan re-made from the sources")
+    for item in planned:
+        out = output.tensors[item.name]
+        if out.dtype != item.dtype or out.shape != item.source.shape:
+            raise SourceMismatch(f"{directory}: tensor {item.name!r} has dtype/shape {out.dtype} {list(out.shape)}, sources say {item.dtype} {list(item.source.shape)}")
+        if not _same_bytes(item, out):
+            raise SourceMismatch(
+                f"{directory}: tensor {item.name!r} differs from {item.model} tensor {item.source.name!r} "
+                f"in {item.source.file}"
+            )
+
+
+def _same_bytes(item: PlannedTensor, out) -> bool:
+    if item.is_copy:
+        return _ranges_equal(item.source.file, item.source.start, out.file, out.start, out.nbytes)
+    import torch
+
+    from layersplice.checkpoint.safetensors_format import DTYPE_SIZES
+    from layersplice.checkpoint.torch_dtypes import TORCH_DTYPES
+
+    step = CHUNK // DTYPE_SIZES[item.source.dtype]
+    in_size, out_size = DTYPE_SIZES[item.source.dtype], DTYPE_SIZES[item.dtype]
+    with open(item.source.file, "rb") as src, open(out.file, "rb") as dst:
+        for first in range(0, item.source.numel, step):
+            count = min(step, item.source.numel - first)
+            a = os.pread(src.fileno(), count * in_size, item.source.start + first * in_size)
+            b = os.pread(dst.fileno(), count * out_size, out.start + first * out_size)
+            cast = torch.frombuffer(bytearray(a), dtype=TORCH_DTYPES[item.source.dtype]).to(TORCH_DTYPES[item.dtype])
+            if cast.view(torch.uint8).numpy().tobytes() != b:
+                return False
+    return True
+
+
+def _ranges_equal(a_path: Path, a_start: int, b_path: Path, b_start: int, length: int) -> bool:
+    with open(a_path, "rb") as a, open(b_path, "rb") as b:
+        for offset in range(0, length, CHUNK):
+            n = min(CHUNK, length - offset)
+            if os.pread(a.fileno(), n, a_start + offset) != os.pread(b.fileno(), n, b_start + offset):
+                return False
+    return True
