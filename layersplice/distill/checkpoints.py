@@ -16,23 +16,13 @@ from pathlib import Path
 import torch
 
 from layersplice.alignment import STUDENT_CONFIG_NAME
+from layersplice.checkpoint.source import SIDE_FILES
 from layersplice.distill import parallel
 from layersplice.distill.config import DistillConfig, DistillError
 from layersplice.distill.parallel import World
 from layersplice.errors import OutputError
 
 CHECKPOINT_DIR = "checkpoints"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 def checkpoint_path(out: Path, step: int) -> Path:
@@ -44,8 +34,8 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def prepare_out(config: DistillConfig) -> None:
-    """Refuse to mix a new run into an old one; the caller is rank 0."""
+def check_out(config: DistillConfig) -> None:
+    """Refuse to mix a new run into an old one (before anything is loaded or written)."""
     out = config.out
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; give a directory")
@@ -59,7 +49,6 @@ def prepare_out(config: DistillConfig) -> None:
         raise OutputError(
             f"--out {out} is not empty; pass --resume to continue the run in it, or choose a new directory"
         )
-    (out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
 
 
 def _rng_state(world: World) -> dict:
@@ -82,6 +71,7 @@ def save_checkpoint(
     }
     if world.is_main:
         path = checkpoint_path(config.out, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
         torch.save(payload, partial)
         os.replace(partial, path)
@@ -129,14 +119,8 @@ def export_student(config: DistillConfig, student, stored_dtype: torch.dtype, wo
     with torch.device("meta"):
         shell = AutoModelForCausalLM.from_config(model_config, dtype=stored_dtype)
     shell.save_pretrained(config.out, state_dict=state)
-    tokenizer_home = config.student if _has_tokenizer(config.student) else config.teacher
-    for name in TOKENIZER_FILES:
-        if (tokenizer_home / name).is_file():
-            shutil.copyfile(tokenizer_home / name, config.out / name)
-    for name in (STUDENT_CONFIG_NAME, "generation_config.json"):
-        if (config.student / name).is_file():
-            shutil.copyfile(config.student / name, config.out / name)
-
-
-def _has_tokenizer(directory: Path) -> bool:
-    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+    for name in (STUDENT_CONFIG_NAME, *SIDE_FILES):
+        for home in (config.student, config.teacher):
+            if (home / name).is_file():
+                shutil.copyfile(home / name, config.out / name)
+                break

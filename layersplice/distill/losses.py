@@ -47,8 +47,7 @@ def aligned_hidden_states(alignment: Alignment) -> tuple[tuple[int, int], ...]:
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` where `mask` is True; 0 when nothing is masked in."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+    return torch.where(mask, values, 0).sum() / mask.sum().clamp(min=1)
 
 
 def cross_entropy_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,5 +91,9 @@ def distill_loss(
     ce = cross_entropy_loss(student_logits, ids, mask)
     kl = kl_loss(student_logits, teacher_logits, mask, weights.temperature)
     cos = cosine_loss(student_states, teacher_states, mask)
-    total = ce + weights.kl * weights.temperature**2 * kl + weights.cos * cos
-    return LossTerms(total, ce.detach(), kl.detach(), cos.detach())
+    return LossTerms(weighted_total(ce, kl, cos, weights), ce.detach(), kl.detach(), cos.detach())
+
+
+def weighted_total(ce, kl, cos, weights: LossWeights):
+    """CE + w_kl * T^2 * KL + w_cos * cos (cos already averaged over the aligned pairs)."""
+    return ce + weights.kl * weights.temperature**2 * kl + weights.cos * cos

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,7 +26,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from layersplice.distill.config import DistillError
-from layersplice.errors import ArchitectureError
+from layersplice.errors import ArchitectureError, LayerspliceError
+
+T = TypeVar("T")
 
 # FSDP2 warns that the root returns views (HF's ModelOutput); we never modify them in place.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -146,6 +150,23 @@ def broadcast_object(value: object, world: World) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def decided_on_main(decide: Callable[[], T], world: World) -> T:
+    """Run `decide` on rank 0 only (it may touch files only rank 0 sees); every rank
+    gets its result, or raises the user error it raised, so no rank is left waiting."""
+    if world.size == 1:
+        return decide()
+    outcome: tuple[object, LayerspliceError | None] = (None, None)
+    if world.is_main:
+        try:
+            outcome = (decide(), None)
+        except LayerspliceError as error:
+            outcome = (None, error)
+    result, error = broadcast_object(outcome, world)
+    if error is not None:
+        raise error
+    return result
 
 
 def gather_objects(value: object, world: World) -> list:

@@ -35,6 +35,7 @@ class RunLog:
         )
         self.task = self.progress.add_task("distill", total=steps, completed=start_step, terms="")
         if enabled:
+            out.mkdir(parents=True, exist_ok=True)
             self._keep_records_up_to(start_step)
 
     def _keep_records_up_to(self, step: int) -> None:

@@ -1,0 +1,101 @@
+"""`layersplice distill`: the click edge of the distill loop.
+
+Runnable as a module so that torchrun can start it directly:
+    torchrun --nproc_per_node 8 -m layersplice.distill.command --teacher T ...
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import click
+
+from layersplice.distill.config import DataSpec, DistillConfig
+from layersplice.distill.losses import LossWeights
+from layersplice.errors import LayerspliceError
+
+
+def _default(cls, name: str):
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
+_dir = click.Path(file_okay=False, path_type=Path)
+
+
+@click.command("distill")
+@click.option("--teacher", type=_dir, required=True, help="Teacher model directory (safetensors).")
+@click.option("--student", type=_dir, required=True,
+              help="Student directory from init-student, with student_config.json.")
+@click.option("--out", type=_dir, required=True,
+              help="Output: the distilled student, metrics.jsonl and checkpoints/.")
+@click.option("--data", "files", multiple=True, type=click.Path(path_type=Path),
+              help="Text: .txt (one document a file), .jsonl, .parquet, a directory of them, "
+                   "or a saved datasets directory. Repeatable.")
+@click.option("--dataset", help="A dataset streamed by datasets.load_dataset: hub name or local folder.")
+@click.option("--dataset-config", help="The dataset's configuration name, if it has several.")
+@click.option("--split", default=_default(DataSpec, "split"), show_default=True)
+@click.option("--text-field", default=_default(DataSpec, "text_field"), show_default=True,
+              help="Field or column that holds the text.")
+@click.option("--synthetic-data", is_flag=True,
+              help="Random tokens instead of text (benchmarks; needs no tokenizer).")
+@click.option("--seq-len", type=int, default=_default(DataSpec, "seq_len"), show_default=True)
+@click.option("--val-tokens", type=int,
+              help="Hold out the first documents, up to this many tokens, for validation "
+                   "[default: 262144].")
+@click.option("--val-fraction", type=float,
+              help="Hold out this fraction of the documents instead (local data only).")
+@click.option("--shuffle-window", type=int, default=_default(DataSpec, "shuffle_window"),
+              show_default=True, help="Training blocks are shuffled within windows of this many.")
+@click.option("--seed", type=int, default=_default(DataSpec, "seed"), show_default=True)
+@click.option("--steps", type=int, default=_default(DistillConfig, "steps"), show_default=True,
+              help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=_default(DistillConfig, "batch_size"),
+              show_default=True, help="Global batch: sequences per optimizer step, all processes together.")
+@click.option("--micro-batch-size", type=int, default=_default(DistillConfig, "micro_batch_size"),
+              show_default=True, help="Sequences per forward pass on each process.")
+@click.option("--lr", type=float, default=_default(DistillConfig, "lr"), show_default=True)
+@click.option("--warmup", type=float, default=_default(DistillConfig, "warmup"), show_default=True,
+              help="Warmup as a fraction of the steps.")
+@click.option("--weight-decay", type=float, default=_default(DistillConfig, "weight_decay"),
+              show_default=True)
+@click.option("--grad-clip", type=float, default=_default(DistillConfig, "grad_clip"), show_default=True)
+@click.option("--kl-weight", type=float, default=LossWeights.kl, show_default=True)
+@click.option("--temperature", type=float, default=LossWeights.temperature, show_default=True)
+@click.option("--cos-weight", type=float, default=LossWeights.cos, show_default=True)
+@click.option("--eval-every", type=int, default=_default(DistillConfig, "eval_every"),
+              show_default=True, help="Validate every N steps (and at the start and end); 0: never.")
+@click.option("--save-every", type=int, default=_default(DistillConfig, "save_every"),
+              show_default=True, help="Write a resume checkpoint every N steps; 0: never.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def distill_command(teacher, student, out, files, dataset, dataset_config, split, text_field,
+                    synthetic_data, seq_len, val_tokens, val_fraction, shuffle_window, seed,
+                    kl_weight, temperature, cos_weight, **training) -> None:
+    """Distill a student from its teacher (CE + KL + hidden-state cosine).
+
+    The same command under torchrun shards both models with FSDP2; the global
+    batch, and so the result, does not depend on the number of processes.
+    """
+    from layersplice.distill.loop import distill
+
+    data = DataSpec(
+        files=tuple(files), dataset=dataset, dataset_config=dataset_config, split=split,
+        text_field=text_field, synthetic=synthetic_data, seq_len=seq_len, val_tokens=val_tokens,
+        val_fraction=val_fraction, shuffle_window=shuffle_window, seed=seed,
+    )
+    loss = LossWeights(kl=kl_weight, temperature=temperature, cos=cos_weight)
+    distill(DistillConfig(teacher=teacher, student=student, out=out, data=data, loss=loss, **training))
+
+
+if __name__ == "__main__":
+    # Started by torchrun rather than the layersplice CLI: user errors still print as one line.
+    try:
+        distill_command(standalone_mode=False)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except LayerspliceError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)

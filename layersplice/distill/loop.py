@@ -1,0 +1,174 @@
+"""The distill run, top to bottom:
+
+    data -> teacher forward (no grad) -> student forward -> CE, KL, cosine -> step
+
+One process or many (torchrun): the only difference is in `parallel`, which
+shards teacher and student with FSDP2. Each optimizer step consumes the same
+--batch-size blocks whatever the number of processes; rank r takes its slice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from layersplice.distill import parallel
+from layersplice.distill.checkpoints import (
+    export_student,
+    load_checkpoint,
+    check_out,
+    save_checkpoint,
+)
+from layersplice.distill.config import DistillConfig
+from layersplice.distill.data import Batch, DistillData, load_data
+from layersplice.distill.losses import LossTerms, distill_loss, weighted_total
+from layersplice.distill.models import Models, hidden_states_at, load_models
+from layersplice.distill.parallel import World
+from layersplice.distill.progress import RunLog
+
+BETAS = (0.9, 0.95)
+EPS = 1e-8
+
+
+def build_optimizer(student: torch.nn.Module, config: DistillConfig) -> torch.optim.AdamW:
+    """AdamW; like HF Trainer, no weight decay on biases and norm weights (1-d tensors)."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=BETAS, eps=EPS)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: DistillConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over --warmup of the steps (at least one), then cosine decay to zero."""
+    warmup = max(1, round(config.warmup * config.steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, config.steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def forward_and_loss(models: Models, batch: Batch, config: DistillConfig, world: World) -> LossTerms:
+    """Teacher (no grad) then student on one micro-batch; the three loss terms."""
+    attention_mask = batch.mask.long() if batch.padded else None
+    with world.autocast():
+        with torch.no_grad():
+            teacher_out = models.teacher(
+                input_ids=batch.ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+            )
+            teacher_logits = teacher_out.logits
+            teacher_states = hidden_states_at(
+                teacher_out, models.teacher_indices, models.alignment.n_teacher
+            )
+            del teacher_out
+        student_out = models.student(
+            input_ids=batch.ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+        )
+        student_states = hidden_states_at(student_out, models.student_indices, models.alignment.n_student)
+        return distill_loss(
+            student_out.logits, student_states, teacher_logits, teacher_states,
+            batch.ids, batch.mask, config.loss,
+        )
+
+
+def train_step(models: Models, micro_batches: list[Batch], optimizer, scheduler,
+               config: DistillConfig, world: World) -> dict:
+    """One optimizer step over this rank's micro-batches; the terms averaged over the global batch."""
+    sums = torch.zeros(4, device=world.device)
+    for batch in micro_batches:
+        terms = forward_and_loss(models, batch, config, world)
+        (terms.total / len(micro_batches)).backward()
+        sums += torch.stack([terms.total.detach(), terms.ce, terms.kl, terms.cos])
+    grad_norm = parallel.clip_gradients(models.student, config.grad_clip)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    means = parallel.mean_over_ranks(sums / len(micro_batches), world).tolist()
+    return dict(zip(("loss", "ce", "kl", "cos"), means)) | {"lr": lr, "grad_norm": grad_norm}
+
+
+def micro_batches_of(data: DistillData, config: DistillConfig, world: World) -> list[Batch]:
+    """This rank's share of the next global batch, cut into micro-batches."""
+    blocks = data.train.next_blocks(config.batch_size)
+    share = config.batch_size // world.size
+    mine = blocks[world.rank * share : (world.rank + 1) * share]
+    return [
+        Batch(ids, torch.ones_like(ids, dtype=torch.bool), padded=False).to(world.device)
+        for ids in mine.split(config.micro_batch_size)
+    ]
+
+
+@torch.no_grad()
+def evaluate(models: Models, data: DistillData, config: DistillConfig, world: World) -> dict:
+    """Token-weighted loss terms on the held-out blocks, shared out across ranks."""
+    per_rank = math.ceil(len(data.val.ids) / world.size)
+    # Every rank runs as many forwards as the others (FSDP gathers in lockstep):
+    # the rows added to even out the shares are masked out and weigh nothing.
+    missing = per_rank * world.size - len(data.val.ids)
+    ids = torch.cat([data.val.ids, data.val.ids[:1].expand(missing, -1)])
+    mask = torch.cat([data.val.mask, torch.zeros_like(data.val.mask[:1]).expand(missing, -1)])
+    mine = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
+    sums = torch.zeros(5, device=world.device, dtype=torch.float64)
+    models.student.eval()
+    for batch_ids, batch_mask in zip(ids[mine].split(config.micro_batch_size),
+                                     mask[mine].split(config.micro_batch_size)):
+        batch = Batch(batch_ids, batch_mask, padded=True).to(world.device)
+        terms = forward_and_loss(models, batch, config, world)
+        tokens = batch.mask.sum()
+        predicted = (batch.mask[:, :-1] & batch.mask[:, 1:]).sum()
+        sums += torch.stack([terms.ce * predicted, terms.kl * tokens, terms.cos * tokens,
+                             predicted, tokens]).double()
+    models.student.train()
+    ce, kl, cos, predicted, tokens = parallel.sum_over_ranks(sums, world).tolist()
+    ce, kl, cos = ce / max(predicted, 1), kl / max(tokens, 1), cos / max(tokens, 1)
+    return {"val_loss": weighted_total(ce, kl, cos, config.loss), "val_ce": ce, "val_kl": kl, "val_cos": cos}
+
+
+def distill(config: DistillConfig) -> None:
+    """Run the whole distillation and write the student to config.out."""
+    world = parallel.start_world(config.device)
+    try:
+        _run(config, world)
+    finally:
+        parallel.stop_world(world)
+
+
+def _run(config: DistillConfig, world: World) -> None:
+    config.accumulation_steps(world.size)  # refuses a global batch the processes cannot share
+    parallel.decided_on_main(lambda: check_out(config), world)
+    torch.manual_seed(config.data.seed + world.rank)
+    models = load_models(config, world)
+    data = load_data(config.data, models.tokenizer, models.teacher.config.vocab_size)
+    optimizer = build_optimizer(models.student, config)
+    scheduler = build_scheduler(optimizer, config)
+    step = 0
+    if config.resume:
+        restored = load_checkpoint(config, models.student, optimizer, scheduler, world)
+        step = restored["step"]
+        data.train.load_state_dict(restored["data"])
+    evaluating = len(data.val.ids) > 0 and config.eval_every > 0
+    tokens_per_step = config.batch_size * config.data.seq_len
+    with RunLog(config.out, config.steps, step, enabled=world.is_main) as log:
+        if evaluating and step == 0:
+            log.record({"step": 0} | evaluate(models, data, config, world))
+        while step < config.steps:
+            started = time.perf_counter()
+            micro_batches = micro_batches_of(data, config, world)
+            metrics = train_step(models, micro_batches, optimizer, scheduler, config, world)
+            step += 1
+            metrics["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
+            log.record({"step": step} | metrics)
+            if evaluating and (step % config.eval_every == 0 or step == config.steps):
+                log.record({"step": step} | evaluate(models, data, config, world))
+            if config.save_every and step % config.save_every == 0:
+                save_checkpoint(config, step, models.student, optimizer, scheduler,
+                                data.train.state_dict(), world)
+    export_student(config, models.student, models.stored_dtype, world)

@@ -1,0 +1,170 @@
+"""Whole distill runs on CPU: learning, exact resume, torchrun + FSDP2, user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from test_distill_support import make_pair, sentences, write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from layersplice.distill import loop
+from layersplice.distill.command import distill_command
+from layersplice.distill.config import DataError, DistillError
+from layersplice.errors import AlignmentError, OutputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on 2 cores run faster, and as torchrun's workers do, on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    teacher, student = make_pair(root)
+    data = write_jsonl(root / "data.jsonl", sentences(300, seed=1))
+    return teacher, student, data
+
+
+def args(pair, out: Path, *extra: str) -> list[str]:
+    teacher, student, data = pair
+    return ["--teacher", str(teacher), "--student", str(student), "--data", str(data),
+            "--out", str(out), "--seq-len", "32", "--batch-size", "8", "--micro-batch-size", "2",
+            "--val-tokens", "512", "--lr", "3e-3", "--shuffle-window", "12", *extra]
+
+
+def run(argv: list[str]):
+    result = CliRunner().invoke(distill_command, argv, catch_exceptions=True)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_cpu_run_lowers_validation_loss_and_writes_a_loadable_student(pair, tmp_path):
+    out = tmp_path / "out"
+    run(args(pair, out, "--steps", "12", "--eval-every", "6"))
+    val = [m["val_loss"] for m in metrics(out) if "val_loss" in m]
+    assert [m["step"] for m in metrics(out) if "val_loss" in m] == [0, 6, 12]
+    assert val[-1] < val[0] - 0.3
+    steps = [m for m in metrics(out) if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 13))
+    assert {"lr", "loss", "ce", "kl", "cos", "tokens_per_s", "grad_norm"} <= set(steps[0])
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4
+    assert (out / "student_config.json").read_text() == (pair[1] / "student_config.json").read_text()
+    ids = tokenizer("the student layer", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(pair, tmp_path, monkeypatch):
+    common = ("--steps", "6", "--save-every", "2", "--eval-every", "3")
+    whole = tmp_path / "whole"
+    run(args(pair, whole, *common))
+
+    save = loop.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(config, step, *rest):
+        save(config, step, *rest)
+        if step == 4:
+            raise Killed
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run(args(pair, interrupted, *common))
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    run(args(pair, interrupted, *common, "--resume"))
+
+    def without_timing(records):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+    assert without_timing(metrics(interrupted)) == without_timing(metrics(whole))
+    final_whole = load_file(whole / "model.safetensors")
+    final_resumed = load_file(interrupted / "model.safetensors")
+    assert final_whole.keys() == final_resumed.keys()
+    for name in final_whole:
+        assert torch.equal(final_whole[name], final_resumed[name]), name
+
+
+def test_torchrun_with_two_processes_follows_the_one_process_trajectory(pair, tmp_path):
+    common = ("--steps", "5", "--eval-every", "5", "--save-every", "0")
+    single = tmp_path / "single"
+    run(args(pair, single, *common, "--micro-batch-size", "4"))
+
+    sharded = tmp_path / "sharded"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "layersplice.distill.command", *args(pair, sharded, *common)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    one, two = metrics(single), metrics(sharded)
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "ce", "kl", "cos", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    weights_one, weights_two = load_file(single / "model.safetensors"), load_file(sharded / "model.safetensors")
+    for name in weights_one:
+        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-5)
+
+
+def test_user_errors_say_what_to_change(pair, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(DistillError, match="--batch-size 8 is not a multiple of --micro-batch-size 3"):
+        run(args(pair, out, "--micro-batch-size", "3"))
+    with pytest.raises(DistillError, match="--seq-len 4096 is longer than --teacher's max_position_embeddings 128"):
+        run(args(pair, out, "--seq-len", "4096"))
+    with pytest.raises(DataError, match="give exactly one data source"):
+        run(args(pair, out, "--synthetic-data"))
+    teacher, _, data = pair
+    with pytest.raises(AlignmentError, match="no student_config.json; make the student with"):
+        run(args((teacher, teacher, data), out))
+
+    out.mkdir(exist_ok=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="is not empty; pass --resume"):
+        run(args(pair, out))
+    with pytest.raises(OutputError, match="holds no checkpoint"):
+        run(args(pair, out, "--resume"))
+
+
+def test_resume_refuses_other_settings(pair, tmp_path):
+    out = tmp_path / "out"
+    run(args(pair, out, "--steps", "1", "--save-every", "1", "--eval-every", "0"))
+    with pytest.raises(DistillError, match=r"holds a run with other settings \(lr\)"):
+        run(args(pair, out, "--steps", "1", "--save-every", "1", "--eval-every", "0", "--lr", "1e-3", "--resume"))
+
+
+def test_module_entry_point_prints_user_errors_as_one_line(pair, tmp_path):
+    command = [sys.executable, "-m", "layersplice.distill.command",
+               *args(pair, tmp_path / "out", "--micro-batch-size", "3")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --batch-size 8 is not a multiple of --micro-batch-size 3 x 1 processes; change one of them"
+    ]
