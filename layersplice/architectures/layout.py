@@ -12,6 +12,7 @@ from layersplice.checkpoint.safetensors_format import TensorInfo
 from layersplice.checkpoint.source import Checkpoint
 from layersplice.errors import ArchitectureError
 
+HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 EMBEDDING_HINT = re.compile(r"(^|\.)(embed_tokens|embed_in|wte|wpe|word_embeddings|position_embeddings|tok_embeddings|embeddings)(\.|$)")
 HEAD_TENSOR_HINT = re.compile(r"(^|\.)(lm_head|embed_out|output)\.weight$")
@@ -54,9 +55,22 @@ class Layout:
 
 def layout_of(checkpoint: Checkpoint, arch_file: Path | None = None) -> Layout:
     description = load_description(arch_file) if arch_file else find_description(checkpoint.config)
-    if description is None:
-        return _infer(checkpoint)
-    return _describe(checkpoint, description)
+    layout = _infer(checkpoint) if description is None else _describe(checkpoint, description)
+    _check_hidden_size(checkpoint, layout)
+    return layout
+
+
+def _check_hidden_size(checkpoint: Checkpoint, layout: Layout) -> None:
+    """config.json's hidden size must be the width of the word embeddings."""
+    key = next((k for k in HIDDEN_SIZE_KEYS if isinstance(checkpoint.config.get(k), int)), None)
+    if key is None or not layout.embeddings:
+        return
+    width = layout.embeddings[0].shape[-1] if layout.embeddings[0].shape else None
+    if width != checkpoint.config[key]:
+        raise ArchitectureError(
+            f"{checkpoint.directory}: config.json says {key}={checkpoint.config[key]} but "
+            f"{layout.embeddings[0].name} has shape {list(layout.embeddings[0].shape)}"
+        )
 
 
 def _by_file_order(tensors: list[TensorInfo]) -> tuple[TensorInfo, ...]:
