@@ -208,3 +208,15 @@ def build() -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def input_ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: streams a checkpoint of hundreds of MB (about a minute)")
+
+
+# Property tests: seconds by default; `--hypothesis-profile=fuzz` for the long run.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("default", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=100_000, deadline=None, suppress_health_check=list(HealthCheck))
+settings.load_profile("default")

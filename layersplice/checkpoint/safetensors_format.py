@@ -87,7 +87,7 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
         raise CheckpointError(f"{path}: header is not valid UTF-8 JSON") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
-    metadata = header.pop(METADATA_KEY, None) or {}
+    metadata = header.pop(METADATA_KEY, {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -108,7 +108,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_siz
             f"{path}: tensor {name!r} must have exactly dtype, shape and data_offsets"
         )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
