@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import signal
 import traceback
 from dataclasses import dataclass
@@ -24,7 +25,22 @@ DTYPE_CHOICES = {"fp32": "F32", "float32": "F32", "bf16": "BF16", "bfloat16": "B
 
 
 class LayerspliceGroup(click.Group):
-    """Turns LayerspliceError into one line and exit 2; anything else is internal (exit 1)."""
+    """Turns LayerspliceError into one line and exit 2; anything else is internal (exit 1).
+
+    Commands that need torch at import time are loaded only when called, so
+    that `build` and friends start fast and small.
+    """
+
+    lazy_commands = {"distill": "layersplice.distill.command:distill_command"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy_commands])
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name in self.lazy_commands and name not in self.commands:
+            module, _, attribute = self.lazy_commands[name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         debug = bool(ctx.params.get("debug"))
