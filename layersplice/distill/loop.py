@@ -165,6 +165,8 @@ def _run(config: DistillConfig, world: World) -> None:
             metrics = train_step(models, micro_batches, optimizer, scheduler, config, world)
             step += 1
             metrics["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
+            if world.device.type == "cuda":
+                metrics["cuda_max_memory_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
             log.record({"step": step} | metrics)
             if evaluating and (step % config.eval_every == 0 or step == config.steps):
                 log.record({"step": step} | evaluate(models, data, config, world))

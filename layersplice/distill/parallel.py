@@ -1,7 +1,9 @@
-"""Processes and devices: one process, or torchrun with FSDP2 (NCCL on GPU, gloo on CPU).
+"""Processes and devices: one plain process, or torchrun with FSDP2 (NCCL on GPU,
+gloo on CPU). Started by torchrun (WORLD_SIZE set), even a single process runs
+sharded, so the FSDP2 path can be measured on one GPU.
 
-Everything here is a thin call into torch.distributed; with one process every
-helper degrades to the plain single-device operation, so the loop has one path.
+Everything here is a thin call into torch.distributed; in a plain process every
+helper degrades to the single-device operation, so the loop has one path.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class World:
     rank: int
     size: int
     device: torch.device
+    distributed: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -53,6 +56,7 @@ class World:
 
 def start_world(device: str) -> World:
     """Join the torchrun process group when WORLD_SIZE > 1."""
+    distributed = "WORLD_SIZE" in os.environ
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -65,16 +69,16 @@ def start_world(device: str) -> World:
         chosen = torch.device("cuda", local_rank)
     else:
         chosen = torch.device("cpu")
-    if size > 1 and not dist.is_initialized():
+    if distributed and not dist.is_initialized():
         if chosen.type == "cuda":
             dist.init_process_group("nccl", device_id=chosen)
         else:
             dist.init_process_group("gloo")
-    return World(rank, size, chosen)
+    return World(rank, size, chosen, distributed)
 
 
 def stop_world(world: World) -> None:
-    if world.size > 1 and dist.is_initialized():
+    if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -85,14 +89,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     if not layers:
         raise ArchitectureError(
             f"{type(model).__name__} names no decoder layer class (_no_split_modules); "
-            "it cannot be sharded: run distill with one process"
+            "it cannot be sharded: run distill without torchrun"
         )
     return layers
 
 
 def place(model: torch.nn.Module, world: World) -> torch.nn.Module:
-    """The model on this process's device; with several processes, sharded by FSDP2."""
-    if world.size == 1:
+    """The model on this process's device; under torchrun, sharded by FSDP2."""
+    if not world.distributed:
         return model.to(world.device)
     for layer in decoder_layers(model):
         fully_shard(layer)
@@ -101,14 +105,14 @@ def place(model: torch.nn.Module, world: World) -> torch.nn.Module:
 
 
 def mean_over_ranks(values: torch.Tensor, world: World) -> torch.Tensor:
-    if world.size > 1:
+    if world.distributed:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)  # gloo has no AVG
         values /= world.size
     return values
 
 
 def sum_over_ranks(values: torch.Tensor, world: World) -> torch.Tensor:
-    if world.size > 1:
+    if world.distributed:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
@@ -138,14 +142,14 @@ def load_full_state(
     world: World,
 ) -> None:
     """Load full state dicts that rank 0 read from disk; other ranks get them broadcast."""
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.size > 1)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.distributed)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def broadcast_object(value: object, world: World) -> object:
     """Rank 0's `value` on every rank."""
-    if world.size == 1:
+    if not world.distributed:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -155,7 +159,7 @@ def broadcast_object(value: object, world: World) -> object:
 def decided_on_main(decide: Callable[[], T], world: World) -> T:
     """Run `decide` on rank 0 only (it may touch files only rank 0 sees); every rank
     gets its result, or raises the user error it raised, so no rank is left waiting."""
-    if world.size == 1:
+    if not world.distributed:
         return decide()
     outcome: tuple[object, LayerspliceError | None] = (None, None)
     if world.is_main:
@@ -171,7 +175,7 @@ def decided_on_main(decide: Callable[[], T], world: World) -> T:
 
 def gather_objects(value: object, world: World) -> list:
     """Every rank's `value`, in rank order, on every rank."""
-    if world.size == 1:
+    if not world.distributed:
         return [value]
     values: list = [None] * world.size
     dist.all_gather_object(values, value)
@@ -179,5 +183,5 @@ def gather_objects(value: object, world: World) -> list:
 
 
 def barrier(world: World) -> None:
-    if world.size > 1:
+    if world.distributed:
         dist.barrier()
