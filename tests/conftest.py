@@ -32,6 +32,10 @@ from transformers import (
     Qwen3Config,
 )
 
+# The test models are tiny: a second thread buys nothing, and on a busy 2-core
+# machine OpenMP workers waiting for each other make every matmul ~50x slower.
+torch.set_num_threads(1)
+
 VOCAB = 128
 N_TEACHER = 6
 WINDOW = 4
