@@ -193,3 +193,6 @@ def verify(path: Path, against_sources: bool) -> None:
         f"[green]ok[/]: {len(result.directories)} model(s), {result.files} files, "
         f"{format_bytes(result.bytes)} verified{' against sources' if against_sources else ''}"
     )
+from layersplice.describe import describe_command  # noqa: E402
+
+cli.add_command(describe_command)

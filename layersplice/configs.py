@@ -69,6 +69,15 @@ def spliced_config(layouts: dict[str, Layout], plan: Plan, configs: dict[str, di
         if value is not None:
             base[key] = value
             rewritten[key] = "threshold"
+    periods = dict((listed, period) for period, listed in layout.per_layer_periods)
+    for key in layout.per_layer_index_lists:
+        indices = _index_list(plan, configs, key, periods.get(key))
+        if indices is not None:
+            base[key] = indices
+            rewritten[key] = "layer indices"
+            if key in periods:
+                base[periods[key]] = 1
+                rewritten[periods[key]] = f"1, exceptions in {key}"
     if not plan.tied:
         base["tie_word_embeddings"] = False
     if cast:
@@ -87,3 +96,20 @@ def _threshold(plan: Plan, configs: dict[str, dict], key: str) -> int | None:
         return None
     below = [layer.source_layer < configs[layer.model][key] for layer in plan.layers]
     return next((i for i, b in enumerate(below) if not b), len(below))
+
+
+def _index_list(plan: Plan, configs: dict[str, dict], key: str, period: str | None) -> list[int] | None:
+    """Rewrite 'these layer indices are special' (Qwen-MoE mlp_only_layers) so each layer keeps its status.
+
+    With a period key (layers with (i + 1) % k == 0 are the regular ones), the
+    source layers off that period are listed too, and the period becomes 1.
+    """
+    if not any(key in c or (period and period in c) for c in configs.values()):
+        return None
+
+    def listed(layer) -> bool:
+        config = configs[layer.model]
+        off_period = period is not None and (layer.source_layer + 1) % (config.get(period) or 1) != 0
+        return layer.source_layer in (config.get(key) or []) or off_period
+
+    return [layer.index for layer in plan.layers if listed(layer)]

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from layersplice.alignment import Alignment
 from layersplice.architectures.layout import Layout
+from layersplice.architectures.names import NameMap, Parts, canonical_rows, parts_shape, translate
 from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
-from layersplice.errors import AlignmentError
+from layersplice.errors import AlignmentError, ArchitectureError
 
 TEACHER, STUDENT = "teacher", "student"
 
@@ -31,10 +32,28 @@ class PlannedTensor:
     source: TensorInfo
     model: str
     dtype: str
+    # A fused tensor written from another family's split ones (Phi-3's
+    # qkv_proj from Llama's q/k/v_proj): the sources whose rows follow source's.
+    more_rows: tuple[TensorInfo, ...] = ()
+
+    @property
+    def parts(self) -> tuple[PlannedTensor, ...]:
+        """Single source ranges, written one after another to make this tensor."""
+        if not self.more_rows:
+            return (self,)
+        return tuple(PlannedTensor(self.name, s, self.model, self.dtype) for s in (self.source, *self.more_rows))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return parts_shape((self.source, *self.more_rows))
+
+    @property
+    def numel(self) -> int:
+        return self.source.numel + sum(s.numel for s in self.more_rows)
 
     @property
     def nbytes(self) -> int:
-        return self.source.numel * DTYPE_SIZES[self.dtype]
+        return self.numel * DTYPE_SIZES[self.dtype]
 
     @property
     def is_copy(self) -> bool:
@@ -64,7 +83,7 @@ class Plan:
 
     @property
     def params(self) -> int:
-        return sum(t.source.numel for t in self.tensors)
+        return sum(t.numel for t in self.tensors)
 
     @property
     def nbytes(self) -> int:
@@ -77,29 +96,91 @@ class Plan:
 
 def check_pair(teacher: Layout, student: Layout, alignment: Alignment, cast: str | None = None) -> Pair:
     """Check the alignment against both checkpoints before anything is written."""
-    if teacher.family != student.family or teacher.prefix != student.prefix:
+    if teacher.canonical_family != student.canonical_family:
         raise AlignmentError(
             f"teacher is {teacher.family} ({teacher.prefix}) but student is {student.family} "
-            f"({student.prefix}); both must be the same family"
+            f"({student.prefix}); both must be the same family, or families whose descriptions "
+            "rename their tensors into the same family (names_as)"
         )
     if student.n_layers != alignment.n_student:
         raise AlignmentError(
             f"the student has {student.n_layers} layers but the alignment keeps "
             f"{alignment.n_student} teacher layers {list(alignment.copied)}"
         )
-    _check_same("embedding", teacher.embeddings, student.embeddings, cast, hidden=True)
-    _check_same("head", teacher.head, student.head, cast, hidden=False)
+    layouts = {TEACHER: teacher, STUDENT: student}
+    rows = _rows(layouts)
+    if _same_names(teacher, student):
+        _check_same("embedding", teacher.embeddings, student.embeddings, cast, hidden=True)
+        _check_same("head", teacher.head, student.head, cast, hidden=False)
+    else:
+        _check_cross_family(layouts, rows, cast)
+    # One family compares its own names, up to legacy spellings; two compare canonical ones.
+    t_names, s_names = (
+        (NameMap(legacy=teacher.layer_names.legacy), NameMap(legacy=student.layer_names.legacy))
+        if teacher.family == student.family else (teacher.layer_names, student.layer_names)
+    )
     for i, t in enumerate(alignment.copied):
-        t_layer = {teacher.suffix(x): x for x in teacher.layers[t]}
-        s_layer = {student.suffix(x): x for x in student.layers[i]}
+        t_layer = _canonical(teacher.layer_tensors(t), t_names, rows, f"teacher layer {t}")
+        s_layer = _canonical(student.layer_tensors(i), s_names, rows, f"student layer {i}")
         if set(t_layer) != set(s_layer):
             odd = sorted(set(t_layer) ^ set(s_layer))[0]
             raise AlignmentError(
                 f"student layer {i} and teacher layer {t} hold different tensors (e.g. {odd!r})"
             )
         for suffix in sorted(t_layer):
-            _check_tensor(f"layer {i} ↔ teacher layer {t}: {suffix}", t_layer[suffix], s_layer[suffix], cast)
+            _check_tensor(f"layer {i} ↔ teacher layer {t}: {suffix}", _spec(t_layer[suffix]), _spec(s_layer[suffix]), cast)
     return Pair(teacher, student, alignment)
+
+
+def _same_names(a: Layout, b: Layout) -> bool:
+    return a.family == b.family and a.prefix == b.prefix
+
+
+@dataclass(frozen=True)
+class _Spec:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _spec(parts: Parts) -> _Spec:
+    return _Spec(parts_shape(parts), parts[0].dtype)
+
+
+def _check_cross_family(layouts: dict[str, Layout], rows: dict[str, int], cast: str | None) -> None:
+    """Two families renamed into one (a pair distilled by others): same hidden size and
+    vocabulary, and heads that stand in for each other in either family."""
+    teacher, student = layouts[TEACHER], layouts[STUDENT]
+    t_emb, s_emb = teacher.embeddings[0], student.embeddings[0]
+    if t_emb.shape[-1:] != s_emb.shape[-1:]:
+        raise AlignmentError(
+            f"hidden sizes differ: teacher ({teacher.family}) {t_emb.name} is {list(t_emb.shape)}, student "
+            f"({student.family}) {s_emb.name} is {list(s_emb.shape)}; no mapping between the two exists"
+        )
+    if t_emb.shape != s_emb.shape:
+        raise AlignmentError(
+            f"vocabularies differ: teacher {t_emb.name} is {list(t_emb.shape)}, student {s_emb.name} "
+            f"is {list(s_emb.shape)}; the two models must share a tokenizer"
+        )
+    t_head = _canonical(teacher.head_untied(), teacher.head_names, rows, "the teacher's head")
+    s_head = _canonical(student.head_untied(), student.head_names, rows, "the student's head")
+    only_t, only_s = sorted(set(t_head) - set(s_head)), sorted(set(s_head) - set(t_head))
+    if only_t or only_s:
+        missing = [f"the teacher's {only_t[0]} has no counterpart in the student"] if only_t else []
+        missing += [f"the student's {only_s[0]} has no counterpart in the teacher"] if only_s else []
+        raise AlignmentError(
+            f"the heads of the teacher ({teacher.family}) and the student ({student.family}) do not stand "
+            f"in for each other: {'; '.join(missing)}"
+        )
+    for name in sorted(t_head):
+        _check_tensor(f"head {name}", _spec(t_head[name]), _spec(s_head[name]), cast)
+
+
+def _canonical(tensors: dict[str, TensorInfo], names: NameMap, rows: dict[str, int], what: str) -> dict[str, Parts]:
+    """Tensors under their canonical names, fused ones cut: the names two families compare in."""
+    try:
+        return translate(tensors, names, NameMap(), rows)
+    except ArchitectureError as exc:
+        raise AlignmentError(f"{what}: {exc}") from None
 
 
 def _check_same(what: str, teacher: tuple[TensorInfo, ...], student: tuple[TensorInfo, ...], cast: str | None, hidden: bool) -> None:
@@ -147,21 +228,56 @@ def _assemble(
     layouts: dict[str, Layout], layers: list[OutputLayer], emb_from: str, head_from: str,
     patched: frozenset[int], cast: str | None,
 ) -> Plan:
-    def planned(name: str, info: TensorInfo, model: str) -> PlannedTensor:
-        dtype = cast if cast and info.dtype in FLOAT_DTYPES else info.dtype
-        return PlannedTensor(name, info, model, dtype)
+    """Every tensor under the names of the output family: the family of the embeddings' model."""
+    def planned(name: str, parts: Parts, model: str) -> PlannedTensor:
+        dtype = cast if cast and parts[0].dtype in FLOAT_DTYPES else parts[0].dtype
+        return PlannedTensor(name, parts[0], model, dtype, parts[1:])
 
-    emb, head = layouts[emb_from], layouts[head_from]
-    tensors = [planned(t.name, t, emb_from) for t in emb.embeddings]
-    for out in layers:
-        src = layouts[out.model]
+    out, rows = layouts[emb_from], _rows(layouts)
+    tensors = [planned(t.name, (t,), emb_from) for t in out.embeddings]
+    for layer in layers:
         tensors += [
-            planned(src.layer_name(out.index, src.suffix(t)), t, out.model)
-            for t in src.layers[out.source_layer]
+            planned(out.layer_name(layer.index, suffix), parts, layer.model)
+            for suffix, parts in _layer_in(layouts, layer.model, layer.source_layer, emb_from, rows).items()
         ]
-    tensors += [planned(t.name, t, head_from) for t in head.head]
-    tied = emb.tied and emb_from == head_from
-    if head.tied and not tied:
-        # The head ties to an embedding that is not the one we write: give it its own tensor.
-        tensors.append(planned(head.tied_head_name, head.tied_embedding(), head_from))
+    if emb_from == head_from:
+        tensors += [planned(t.name, (t,), head_from) for t in out.head]
+    else:
+        # The head ties to an embedding that is not the one we write: give it its own tensors.
+        tensors += [planned(name, parts, head_from) for name, parts in _head_in(layouts, head_from, emb_from, rows).items()]
+    tied = out.tied and emb_from == head_from
     return Plan(patched, tuple(layers), tuple(tensors), emb_from, head_from, tied)
+
+
+def _layer_in(layouts: dict[str, Layout], model: str, index: int, out: str, rows: dict[str, int]) -> dict[str, Parts]:
+    """Layer `index` of `model`, by suffix in the family of `out`."""
+    src, dst = layouts[model], layouts[out]
+    if _same_names(src, dst):
+        return {src.suffix(t): (t,) for t in src.layers[index]}
+    try:
+        return translate(src.layer_tensors(index), src.layer_names, dst.own_layer_names, rows)
+    except ArchitectureError as exc:
+        raise AlignmentError(f"{model} layer {index} ({src.family}) in {dst.family} names: {exc}") from None
+
+
+def _head_in(layouts: dict[str, Layout], model: str, out: str, rows: dict[str, int]) -> dict[str, Parts]:
+    """The head of `model`, its ties spelled out, in the family of `out`."""
+    src, dst = layouts[model], layouts[out]
+    head = src.head_untied()
+    if _same_names(src, dst):
+        return dst.add_tied_alongside({name: (t,) for name, t in head.items()})
+    try:
+        return dst.add_tied_alongside(translate(head, src.head_names, dst.own_head_names, rows))
+    except ArchitectureError as exc:
+        raise AlignmentError(f"the {model}'s head ({src.family}) in {dst.family} names: {exc}") from None
+
+
+def _rows(layouts: dict[str, Layout]) -> dict[str, int]:
+    """Row counts of canonical tensors, for cutting fused ones (names.canonical_rows)."""
+    if len({layout.family for layout in layouts.values()}) == 1:
+        return {}
+    sets, maps = [], []
+    for layout in layouts.values():
+        sets += [layout.layer_tensors(i) for i in range(layout.n_layers)] + [layout.head_untied()]
+        maps += [layout.layer_names] * layout.n_layers + [layout.head_names]
+    return canonical_rows(sets, maps)

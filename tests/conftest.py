@@ -224,3 +224,6 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 settings.register_profile("default", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("fuzz", max_examples=100_000, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile("default")
+
+
+from family_models import family_pair  # noqa: E402,F401 - the session fixture for test_families/test_cross_family

@@ -71,3 +71,19 @@ def test_missing_repo_names_the_id(hub_cache):
     result = _layersplice(env, "inspect", "org/absent")
     assert result.returncode == 2
     assert "org/absent" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "config.json"])
+def test_a_file_missing_from_a_cached_repo_names_the_id(tmp_path, checkpoints, missing):
+    pair = checkpoints("llama", ALIGNMENTS["1-2-2"])
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for file in pair.teacher_dir.iterdir():
+        if file.name != missing:
+            (partial / file.name).write_bytes(file.read_bytes())
+    cache = tmp_path / "hub"
+    _put_snapshot(cache, "org/partial", COMMIT_A, partial)
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    result = _layersplice(env, "inspect", "org/partial")
+    assert result.returncode == 2
+    assert "org/partial" in result.stderr and missing in result.stderr and "Traceback" not in result.stderr

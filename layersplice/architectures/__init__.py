@@ -4,6 +4,10 @@ A description names the layer prefix (a layer is every tensor under
 ``<prefix>.<i>.``), the embedding and head tensors, the tied-head pair, the
 config key that counts layers and the per-layer config entries. Adding a family
 is adding a YAML file here; the schema rejects unknown keys.
+
+Two families pair across (a DistilBERT student of a BERT teacher) when both
+name the same ``names_as`` family: ``rename`` maps a family's own layer and
+head tensor names into that family's names (layersplice/architectures/names.py).
 """
 
 from __future__ import annotations
@@ -13,11 +17,26 @@ from functools import cache
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from layersplice.errors import ArchitectureError
 
 DESCRIPTION_DIR = Path(__file__).parent
+
+
+class Renames(BaseModel):
+    """Own tensor names -> the names_as family's names.
+
+    A key is a module path (it renames every tensor under it) or a full tensor
+    name; keys under `layer` are relative to '<prefix>.<i>.'. A list value is a
+    fused tensor: the named tensors' rows, concatenated in that order (Phi-3's
+    qkv_proj is [q_proj, k_proj, v_proj]). Names not listed keep their name.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layer: dict[str, str | tuple[str, ...]] = {}
+    head: dict[str, str | tuple[str, ...]] = {}
 
 
 class Description(BaseModel):
@@ -32,10 +51,30 @@ class Description(BaseModel):
     num_layers_key: str
     embeddings: tuple[str, ...]
     head: tuple[str, ...]
+    # The head tensor the loader ties to the embedding matching tied_embedding
+    # (absent from tied checkpoints), and a pattern a checkpoint must match to
+    # have that head at all (a bare BertModel has no MLM head to tie).
     tied_head: str | None = None
     tied_embedding: str | None = None
+    tied_head_when: str | None = None
+    # Further head tensors the loader ties to another head tensor together
+    # with the embeddings (BERT: decoder.bias <- predictions.bias); written
+    # out whenever the head is.
+    tied_alongside: dict[str, str] = {}
     per_layer_lists: tuple[str, ...] = ()
     per_layer_thresholds: tuple[str, ...] = ()
+    # Config lists of layer indices (Qwen-MoE mlp_only_layers): an output
+    # layer is listed when the layer it came from was.
+    per_layer_index_lists: tuple[str, ...] = ()
+    # A period key (layers with (i + 1) % k == 0 are special) -> the index
+    # list of exceptions: the splice sets the period to 1 and lists every
+    # output layer whose source layer was off period.
+    per_layer_periods: dict[str, str] = {}
+    names_as: str | None = None
+    rename: Renames = Renames()
+    # Older spellings of a name's last parts, read as the modern ones when
+    # pairing across families (BERT's LayerNorm.gamma is LayerNorm.weight).
+    legacy_names: dict[str, str] = {}
 
     @field_validator("embeddings", "head")
     @classmethod
@@ -43,6 +82,25 @@ class Description(BaseModel):
         for pattern in patterns:
             re.compile(pattern)
         return patterns
+
+    @field_validator("tied_embedding", "tied_head_when")
+    @classmethod
+    def _pattern_compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            re.compile(pattern)
+        return pattern
+
+    @model_validator(mode="after")
+    def _periods_name_index_lists(self) -> Description:
+        for period, exceptions in self.per_layer_periods.items():
+            if exceptions not in self.per_layer_index_lists:
+                raise ValueError(f"per_layer_periods: {period} -> {exceptions}, which is not in per_layer_index_lists")
+        return self
+
+    @property
+    def canonical_family(self) -> str:
+        """The family whose tensor names this family's renames lead to."""
+        return self.names_as or self.name
 
     def is_embedding(self, name: str) -> bool:
         return any(re.fullmatch(p, name) for p in self.embeddings)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from layersplice.architectures import Description, find_description, load_description
+from layersplice.architectures.names import NameMap, Parts
 from layersplice.checkpoint.safetensors_format import TensorInfo
 from layersplice.checkpoint.source import Checkpoint
 from layersplice.errors import ArchitectureError
@@ -36,6 +38,13 @@ class Layout:
     tied_head_name: str | None
     per_layer_lists: tuple[str, ...]
     per_layer_thresholds: tuple[str, ...]
+    per_layer_index_lists: tuple[str, ...] = ()
+    per_layer_periods: tuple[tuple[str, str], ...] = ()
+    tied_alongside: tuple[tuple[str, str], ...] = ()
+    # Cross-family pairing: the names_as family and the renames into its names.
+    canonical_family: str = ""
+    layer_names: NameMap = NameMap()
+    head_names: NameMap = NameMap()
 
     @property
     def n_layers(self) -> int:
@@ -49,8 +58,35 @@ class Layout:
         rest = info.name[len(self.prefix) + 1 :]
         return rest.split(".", 1)[1]
 
+    def layer_tensors(self, index: int) -> dict[str, TensorInfo]:
+        """Layer `index` by suffix, in file order."""
+        return {self.suffix(t): t for t in self.layers[index]}
+
+    @cached_property
+    def own_layer_names(self) -> NameMap:
+        """Layer renames into this family, spelled as this checkpoint spells its layers."""
+        return self.layer_names.spelled_like(self.suffix(t) for layer in self.layers for t in layer)
+
+    @cached_property
+    def own_head_names(self) -> NameMap:
+        """Head renames into this family, spelled as this checkpoint spells its head."""
+        return self.head_names.spelled_like(self.head_untied())
+
     def tied_embedding(self) -> TensorInfo | None:
         return self.embeddings[0] if self.tied and self.embeddings else None
+
+    def head_untied(self) -> dict[str, TensorInfo]:
+        """The head with the tensors the loader would tie spelled out (for an output whose
+        embeddings come from another model): the tied head is the embedding matrix."""
+        head = {t.name: t for t in self.head}
+        if self.tied and self.tied_head_name:
+            head[self.tied_head_name] = self.embeddings[0]
+        return head
+
+    def add_tied_alongside(self, head: dict[str, Parts]) -> dict[str, Parts]:
+        """Spell out this family's other tied head tensors (BERT's decoder.bias) in an untied head."""
+        extra = {t: head[s] for t, s in self.tied_alongside if t not in head and s in head}
+        return {**head, **extra}
 
 
 def layout_of(checkpoint: Checkpoint, arch_file: Path | None = None) -> Layout:
@@ -127,7 +163,10 @@ def _describe(checkpoint: Checkpoint, description: Description) -> Layout:
             f"{checkpoint.directory}: tensor {stray[0]!r} is neither a layer, an embedding nor a "
             f"head tensor of the {description.name} description; {ADD_DESCRIPTION_HINT}"
         )
-    tied = _is_tied(checkpoint, description.tied_head, head, embeddings)
+    has_tied_head = description.tied_head_when is None or any(
+        re.fullmatch(description.tied_head_when, t.name) for t in head
+    )
+    tied = has_tied_head and _is_tied(checkpoint, description.tied_head, head, embeddings)
     return Layout(
         family=description.name,
         inferred=False,
@@ -140,6 +179,12 @@ def _describe(checkpoint: Checkpoint, description: Description) -> Layout:
         tied_head_name=description.tied_head,
         per_layer_lists=description.per_layer_lists,
         per_layer_thresholds=description.per_layer_thresholds,
+        per_layer_index_lists=description.per_layer_index_lists,
+        per_layer_periods=tuple(description.per_layer_periods.items()),
+        tied_alongside=tuple(description.tied_alongside.items()),
+        canonical_family=description.canonical_family,
+        layer_names=NameMap.of(description.rename.layer, description.legacy_names),
+        head_names=NameMap.of(description.rename.head, description.legacy_names),
     )
 
 
@@ -200,6 +245,7 @@ def _infer(checkpoint: Checkpoint) -> Layout:
     )
     return Layout(
         family=f"{model_type} (inferred)",
+        canonical_family=f"{model_type} (inferred)",
         inferred=True,
         prefix=prefix,
         num_layers_key=key,

@@ -57,6 +57,17 @@ def open_checkpoint(reference: str | Path, revision: str | None = None, allow_pi
     PyTorch pickle weights are refused unless `allow_pickle` is set.
     """
     directory = resolve_directory(str(reference), revision, allow_pickle)
+    try:
+        return _open_directory(str(reference), directory, revision, allow_pickle)
+    except CheckpointError as exc:
+        if directory == Path(reference).expanduser():
+            raise
+        # A file missing from a cached snapshot: name the repo, not just the cache path.
+        at = f"@{revision}" if revision else ""
+        raise CheckpointError(f"hub repo {reference}{at}: {exc}") from None
+
+
+def _open_directory(reference: str, directory: Path, revision: str | None, allow_pickle: bool) -> Checkpoint:
     config = read_config(directory)
     files, index_metadata, weight_map = _weight_files(directory, allow_pickle)
     tensors: dict[str, TensorInfo] = {}
@@ -73,7 +84,7 @@ def open_checkpoint(reference: str | Path, revision: str | None = None, allow_pi
         _check_index(directory, weight_map, tensors)
     if not tensors:
         raise CheckpointError(f"{directory}: the checkpoint holds no tensors")
-    return Checkpoint(str(reference), directory, config, tensors, tuple(files), revision, index_metadata)
+    return Checkpoint(reference, directory, config, tensors, tuple(files), revision, index_metadata)
 
 
 def resolve_directory(reference: str, revision: str | None, allow_pickle: bool = False) -> Path:

@@ -30,6 +30,13 @@ class WriteItem(Protocol):
     @property
     def is_copy(self) -> bool: ...
 
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def parts(self) -> Sequence[WriteItem]:
+        """Items of one source range each, written one after another (a fused tensor has several)."""
+
 
 @dataclass(frozen=True)
 class WrittenFile:
@@ -71,14 +78,14 @@ def write_shards(
 
 
 def _write_file(path: Path, items: Sequence[WriteItem], progress: ProgressFn) -> None:
-    header = encode_header([(i.name, i.dtype, i.source.shape, i.nbytes) for i in items], FORMAT_METADATA)
+    header = encode_header([(i.name, i.dtype, i.shape, i.nbytes) for i in items], FORMAT_METADATA)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, header)
         offset = len(header)
         sources: dict[Path, int] = {}
         try:
-            for run in _coalesce(items):
+            for run in _coalesce([part for item in items for part in item.parts]):
                 first = run[0]
                 src_fd = sources.get(first.source.file)
                 if src_fd is None:
