@@ -15,7 +15,8 @@ from layersplice.blocks import by_layers, keep_sequence, size_of
 from layersplice.checkpoint.atomic import atomic_directory
 from layersplice.checkpoint.sealed_json import read_sealed, write_sealed
 from layersplice.checkpoint.source import INDEX_FILE, SIDE_FILES, Checkpoint
-from layersplice.checkpoint.writer import ProgressFn, WrittenFile, sha256_file, write_shards
+from layersplice.checkpoint.digest import CHECKSUM, blake3_file
+from layersplice.checkpoint.writer import ProgressFn, SourceFiles, WrittenFile, write_shards
 from layersplice.configs import spliced_config
 from layersplice.job import Job
 from layersplice.verify import MANIFEST_FILE, PROVENANCE_FILE, VerifyError, check_files
@@ -30,27 +31,33 @@ class Built:
     files: dict[str, dict]
 
 
-def write_model(job: Job, plan: Plan, directory: Path, choice: dict, shard_size: int, progress: ProgressFn | None = None) -> dict[str, dict]:
-    """Write one splice into an existing empty directory; returns {file: {size, sha256}}."""
+def write_model(
+    job: Job, plan: Plan, directory: Path, choice: dict, shard_size: int, sources: SourceFiles,
+    progress: ProgressFn | None = None,
+) -> dict[str, dict]:
+    """Write one splice into an existing empty directory; returns {file: {size, blake3}}."""
     config, rewritten = spliced_config(job.layouts, plan, job.configs, job.cast)
-    files = write_checkpoint(directory, plan, config, job.checkpoint(plan.embeddings_from).directory, shard_size, progress)
+    side_dir = job.checkpoint(plan.embeddings_from).directory
+    files = write_checkpoint(directory, plan, config, side_dir, shard_size, sources, progress)
     write_sealed(directory / PROVENANCE_FILE, _provenance(job, plan, choice, rewritten, files))
     return files
 
 
-def write_checkpoint(directory: Path, plan: Plan, config: dict, side_dir: Path, shard_size: int, progress: ProgressFn | None) -> dict[str, dict]:
-    """Shards, index, config and the tokenizer/generation files of `side_dir`."""
-    shards = write_shards(directory, plan.tensors, shard_size, progress)
+def write_checkpoint(
+    directory: Path, plan: Plan, config: dict, side_dir: Path, shard_size: int, sources: SourceFiles,
+    progress: ProgressFn | None,
+) -> dict[str, dict]:
+    """Shards, index, config and the tokenizer/generation files of `side_dir`.
+
+    Shards are hashed while they are written; the small files after."""
+    shards = write_shards(directory, plan.tensors, shard_size, sources, progress)
     _write_json(directory / INDEX_FILE, _index(shards, plan.nbytes))
     _write_json(directory / "config.json", config)
     for name in SIDE_FILES:
         if (side_dir / name).is_file():
             shutil.copyfile(side_dir / name, directory / name)
-    hashes = {shard.name: shard.sha256 for shard in shards}
-    return {
-        p.name: {"size": p.stat().st_size, "sha256": hashes.get(p.name) or sha256_file(p)}
-        for p in sorted(directory.iterdir())
-    }
+    written = {shard.name: {"size": shard.size, CHECKSUM: shard.blake3} for shard in shards}
+    return {p.name: written.get(p.name) or _file_record(p) for p in sorted(directory.iterdir())}
 
 
 def _index(shards: list[WrittenFile], total_size: int) -> dict:
@@ -89,8 +96,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def build_one(job: Job, plan: Plan, out: Path, choice: dict, shard_size: int, force: bool, progress: ProgressFn | None = None) -> Built:
-    with atomic_directory(out, force) as tmp:
-        files = write_model(job, plan, tmp, choice, shard_size, progress)
+    with atomic_directory(out, force) as tmp, SourceFiles() as sources:
+        files = write_model(job, plan, tmp, choice, shard_size, sources, progress)
     return Built(out, plan, files)
 
 
@@ -120,7 +127,7 @@ def build_all(
     next run adopts it and keeps each size whose files still verify.
     """
     built = []
-    with atomic_directory(out, force, adopt=True) as tmp:
+    with atomic_directory(out, force, adopt=True) as tmp, SourceFiles() as sources:
         for keep, plan in all_plans(job, order):
             sub = size_name(name, plan)
             choice = {"layers": plan.n_layers, "keep": keep, "order": order}
@@ -130,7 +137,7 @@ def build_all(
             if files is None:
                 shutil.rmtree(tmp / sub, ignore_errors=True)
                 (tmp / sub).mkdir()
-                files = write_model(job, plan, tmp / sub, choice, shard_size, progress)
+                files = write_model(job, plan, tmp / sub, choice, shard_size, sources, progress)
             elif progress:
                 progress(plan.nbytes)
             files = {**files, PROVENANCE_FILE: _file_record(tmp / sub / PROVENANCE_FILE)}
@@ -140,7 +147,7 @@ def build_all(
 
 
 def _file_record(path: Path) -> dict:
-    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    return {"size": path.stat().st_size, CHECKSUM: blake3_file(path)}
 
 
 def _verified_files(job: Job, plan: Plan, choice: dict, directory: Path) -> dict | None:
@@ -170,7 +177,7 @@ def _manifest(job: Job, built: list[Built]) -> dict:
                 "parameters": b.plan.params,
                 "bytes": sum(f["size"] for f in b.files.values()),
                 "patched_blocks": sorted(b.plan.patched),
-                "files": {n: f["sha256"] for n, f in b.files.items()},
+                "files": b.files,
             }
             for b in built
         ],
@@ -184,8 +191,8 @@ def init_student(
     """Stream the kept teacher layers into a new student checkpoint (METHOD.md §2)."""
     plan = student_init_plan(layout, alignment, cast)
     config, rewritten = spliced_config({TEACHER: layout}, plan, {TEACHER: teacher.config}, cast)
-    with atomic_directory(out, force) as tmp:
-        files = write_checkpoint(tmp, plan, config, teacher.directory, shard_size, progress)
+    with atomic_directory(out, force) as tmp, SourceFiles() as sources:
+        files = write_checkpoint(tmp, plan, config, teacher.directory, shard_size, sources, progress)
         _write_json(tmp / STUDENT_CONFIG_NAME, alignment.student_config())
         write_sealed(tmp / PROVENANCE_FILE, {
             "layersplice_version": __version__,

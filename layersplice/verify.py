@@ -10,12 +10,12 @@ from typing import Callable
 from layersplice.architectures.layout import layout_of
 from layersplice.checkpoint.sealed_json import read_sealed
 from layersplice.checkpoint.source import open_checkpoint
-from layersplice.checkpoint.writer import sha256_file
+from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.errors import LayerspliceError
 
 PROVENANCE_FILE = "layersplice.json"
 MANIFEST_FILE = "manifest.json"
-HASHERS: dict[str, Callable[[Path], str]] = {"sha256": sha256_file}
+HASHERS: dict[str, Callable[[Path], str]] = {CHECKSUM: blake3_file}
 
 
 class VerifyError(LayerspliceError):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from blake3 import blake3
 
 from conftest import ALIGNMENTS
 from layersplice.checkpoint.sealed_json import read_sealed, seal
@@ -180,7 +181,7 @@ def test_verify_against_sources_catches_a_consistently_resealed_change(built):
     data[-3] ^= 0x10
     shard.write_bytes(bytes(data))
     provenance, _ = read_sealed(built / "layersplice.json")
-    provenance["files"]["model.safetensors"]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    provenance["files"]["model.safetensors"]["blake3"] = blake3(bytes(data)).hexdigest()
     (built / "layersplice.json").write_text(seal(provenance))
     assert _cli("verify", str(built)).returncode == 0
     result = _cli("verify", str(built), "--against-sources")

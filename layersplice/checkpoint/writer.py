@@ -1,21 +1,35 @@
-"""Write safetensors shards by copying source byte ranges: headers first, then
+"""Write safetensors shards by copying source byte ranges: the header first, then
 kernel-side copies of coalesced ranges, or a chunked cast where a dtype changes.
-Memory stays bounded by one cast chunk whatever the model size."""
+
+No Python or torch object is made per tensor byte: copies run in the kernel
+(copy_file_range, else sendfile, else 64 MiB buffered reads), casts stream
+one chunk at a time, and a thread hashes the output as it is written
+(checkpoint/digest.py). Memory stays bounded by a few buffers whatever the
+model size. Files are not fsynced here: the atomic output directory syncs
+everything once before its rename.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import errno
+import functools
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
+from layersplice.checkpoint.digest import TrailingDigest
 from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, TensorInfo, encode_header
 
 FORMAT_METADATA = {"format": "pt"}
-COPY_CHUNK = 1 << 30
-CAST_CHUNK_BYTES = 16 << 20
-HASH_CHUNK = 8 << 20
+# Bytes per kernel copy call, and so how closely the checksum thread follows.
+COPY_CHUNK = 64 << 20
+BUFFERED_CHUNK = 64 << 20
+CAST_WORKERS = 2  # threads that read, convert and write cast chunks (numpy and I/O release the GIL)
+# Errors by which a kernel copy says it cannot copy between these two files.
+UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}
 ProgressFn = Callable[[int], None]
 
 
@@ -42,8 +56,31 @@ class WriteItem(Protocol):
 class WrittenFile:
     name: str
     size: int
-    sha256: str
-    tensors: tuple[str, ...]
+    blake3: str
+    tensors: tuple[str, ...]  # in data order
+
+
+class SourceFiles:
+    """Source files opened once for a whole build (every shard and every size)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __enter__(self) -> SourceFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def shard_items(items: Sequence[WriteItem], shard_size: int) -> list[list[WriteItem]]:
@@ -65,42 +102,62 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+def source_order(items: Sequence[WriteItem]) -> list[WriteItem]:
+    """Plan order, except that consecutive items read from one file follow that file's
+    byte order, so that a layer stored contiguously is copied as one range.
+
+    Depends only on the plan (not on where the sources live), so output bytes
+    stay the same for the same inputs.
+    """
+    ordered: list[WriteItem] = []
+    run: list[WriteItem] = []
+    for item in items:
+        if run and item.source.file != run[0].source.file:
+            ordered += sorted(run, key=lambda i: i.source.start)
+            run = []
+        run.append(item)
+    return ordered + sorted(run, key=lambda i: i.source.start)
+
+
 def write_shards(
-    directory: Path, items: Sequence[WriteItem], shard_size: int, progress: ProgressFn | None = None
+    directory: Path, items: Sequence[WriteItem], shard_size: int, sources: SourceFiles,
+    progress: ProgressFn | None = None,
 ) -> list[WrittenFile]:
-    shards = shard_items(items, shard_size)
     written = []
+    shards = shard_items(items, shard_size)
     for name, shard in zip(shard_names(len(shards)), shards):
-        path = directory / name
-        _write_file(path, shard, progress or (lambda n: None))
-        written.append(WrittenFile(name, path.stat().st_size, sha256_file(path), tuple(i.name for i in shard)))
+        ordered = source_order(shard)
+        size, digest = _write_file(directory / name, ordered, sources, progress or _ignore)
+        written.append(WrittenFile(name, size, digest, tuple(i.name for i in ordered)))
     return written
 
 
-def _write_file(path: Path, items: Sequence[WriteItem], progress: ProgressFn) -> None:
+def _ignore(_: int) -> None:
+    pass
+
+
+def _write_file(path: Path, items: Sequence[WriteItem], sources: SourceFiles, progress: ProgressFn) -> tuple[int, str]:
+    """Write one shard; returns its size and BLAKE3 digest."""
     header = encode_header([(i.name, i.dtype, i.shape, i.nbytes) for i in items], FORMAT_METADATA)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    digest = None
     try:
-        os.write(fd, header)
+        digest = TrailingDigest(path)
+        _pwrite_all(fd, header, 0)
         offset = len(header)
-        sources: dict[Path, int] = {}
-        try:
-            for run in _coalesce([part for item in items for part in item.parts]):
-                first = run[0]
-                src_fd = sources.get(first.source.file)
-                if src_fd is None:
-                    src_fd = sources[first.source.file] = os.open(first.source.file, os.O_RDONLY)
-                if first.is_copy:
-                    length = run[-1].source.end - first.source.start
-                    _copy_range(src_fd, fd, first.source.start, offset, length, progress)
-                else:
-                    length = _cast_range(src_fd, fd, first, offset, progress)
-                offset += length
-        finally:
-            for src in sources.values():
-                os.close(src)
-        os.fsync(fd)
+        digest.written(offset)
+        for run in _coalesce([part for item in items for part in item.parts]):
+            first = run[0]
+            src = sources.fd(first.source.file)
+            if first.is_copy:
+                length = run[-1].source.end - first.source.start
+                offset = _copy_range(src, fd, first.source.start, offset, length, digest, progress)
+            else:
+                offset = _cast_range(src, fd, first, offset, digest, progress)
+        return offset, digest.finish()
     finally:
+        if digest is not None:
+            digest.close()
         os.close(fd)
 
 
@@ -122,62 +179,106 @@ def _coalesce(items: Sequence[WriteItem]) -> list[list[WriteItem]]:
     return runs
 
 
-def _copy_range(src: int, dst: int, src_off: int, dst_off: int, length: int, progress: ProgressFn) -> None:
-    """Kernel-side copy; falls back to sendfile, then to buffered reads."""
+def _copy_range(
+    src: int, dst: int, src_off: int, dst_off: int, length: int, digest: TrailingDigest, progress: ProgressFn
+) -> int:
+    """Copy in the kernel where the files allow it; returns the output offset after the range."""
+    copiers = list(COPIERS)
     done = 0
-    copier = _copy_file_range
     while done < length:
         count = min(COPY_CHUNK, length - done)
         try:
-            n = copier(src, dst, count, src_off + done, dst_off + done)
-        except OSError:
-            if copier is _pread_pwrite:
+            n = copiers[0](src, dst, count, src_off + done, dst_off + done)
+        except OSError as exc:
+            if exc.errno not in UNSUPPORTED or len(copiers) == 1:
                 raise
-            copier = _pread_pwrite
+            copiers.pop(0)
             continue
         if n == 0:
-            raise OSError(f"source ended {length - done} bytes early")
+            raise OSError(errno.EIO, f"source ended {length - done} bytes early")
         done += n
+        digest.written(dst_off + done)
         progress(n)
+    return dst_off + length
 
 
 def _copy_file_range(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
     return os.copy_file_range(src, dst, count, src_off, dst_off)
 
 
-def _pread_pwrite(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
-    data = os.pread(src, min(count, 64 << 20), src_off)
-    if data:
-        os.pwrite(dst, data, dst_off)
+def _sendfile(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
+    os.lseek(dst, dst_off, os.SEEK_SET)
+    return os.sendfile(dst, src, src_off, count)
+
+
+def _buffered(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
+    data = os.pread(src, min(count, BUFFERED_CHUNK), src_off)
+    _pwrite_all(dst, data, dst_off)
     return len(data)
 
 
-def _cast_range(src: int, dst: int, item: WriteItem, dst_off: int, progress: ProgressFn) -> int:
-    """Cast one tensor chunk by chunk; returns the bytes written."""
-    import torch
+COPIERS = (
+    *([_copy_file_range] if hasattr(os, "copy_file_range") else []),
+    *([_sendfile] if hasattr(os, "sendfile") else []),
+    _buffered,
+)
 
-    from layersplice.checkpoint.torch_dtypes import TORCH_DTYPES
 
-    in_size, out_size = DTYPE_SIZES[item.source.dtype], DTYPE_SIZES[item.dtype]
-    step = max(1, CAST_CHUNK_BYTES // in_size)
-    numel = item.source.numel
-    written = 0
-    for first in range(0, numel, step):
-        count = min(step, numel - first)
-        raw = os.pread(src, count * in_size, item.source.start + first * in_size)
-        if len(raw) != count * in_size:
-            raise OSError(f"{item.source.file}: tensor {item.source.name} is truncated")
-        values = torch.frombuffer(bytearray(raw), dtype=TORCH_DTYPES[item.source.dtype])
-        out = values.to(TORCH_DTYPES[item.dtype]).view(torch.uint8).numpy()
-        os.pwrite(dst, out, dst_off + written)
-        written += count * out_size
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _cast_range(src: int, dst: int, item: WriteItem, dst_off: int, digest: TrailingDigest, progress: ProgressFn) -> int:
+    """Cast one source range in chunks, CAST_WORKERS at a time; returns the output offset after it.
+
+    Each chunk is read, converted and written by one worker at its own offset;
+    the checksum thread hears of the chunks in order, as they complete.
+    """
+    from layersplice.checkpoint.cast import IO_ELEMENTS
+
+    info = item.source
+    in_size, out_size = DTYPE_SIZES[info.dtype], DTYPE_SIZES[item.dtype]
+    pending: deque[tuple[Future, int]] = deque()
+    end = dst_off
+
+    def complete_oldest() -> None:
+        nonlocal end
+        future, count = pending.popleft()
+        future.result()
+        end += count * out_size
+        digest.written(end)
         progress(count * in_size)
-    return written
+
+    try:
+        for first in range(0, info.numel, IO_ELEMENTS):
+            count = min(IO_ELEMENTS, info.numel - first)
+            chunk = (info.start + first * in_size, dst_off + first * out_size, count)
+            pending.append((_cast_pool().submit(_cast_chunk, src, dst, info, item.dtype, *chunk), count))
+            if len(pending) > 2 * CAST_WORKERS:
+                complete_oldest()
+        while pending:
+            complete_oldest()
+    finally:
+        # No worker may outlive this call: the output's descriptor is closed next.
+        for future, _ in pending:
+            future.cancel()
+        wait([future for future, _ in pending])
+    return end
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _cast_chunk(src: int, dst: int, info: TensorInfo, dtype: str, src_off: int, dst_off: int, count: int) -> None:
+    from layersplice.checkpoint.cast import cast_for
+
+    cast = cast_for(info.dtype, dtype)
+    source = cast.input[: count * cast.in_size]
+    if os.preadv(src, [source], src_off) != len(source):
+        raise OSError(errno.EIO, f"{info.file}: tensor {info.name} is truncated")
+    _pwrite_all(dst, cast.convert(source), dst_off)
+
+
+@functools.cache
+def _cast_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(CAST_WORKERS, thread_name_prefix="layersplice-cast")

@@ -1,0 +1,197 @@
+"""The shard writer: casts give torch's bytes, checksums cover the bytes written,
+ranges are copied in source order, and every kernel copy has a fallback."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from blake3 import blake3
+
+from layersplice.checkpoint import writer
+from layersplice.checkpoint.cast import CHUNK_ELEMENTS, IO_ELEMENTS, Cast
+from layersplice.checkpoint.digest import blake3_file
+from layersplice.checkpoint.safetensors_format import read_header
+from layersplice.checkpoint.writer import SourceFiles, write_shards
+from layersplice.plan import PlannedTensor
+
+TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _values() -> np.ndarray:
+    """Every magnitude a weight can have, plus the edges of each format."""
+    rng = np.random.default_rng(0)
+    scales = (1e-42, 1e-8, 2e-2, 1.0, 7e4, 1e38)
+    edges = [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1 + 2**-8, 1 + 3 * 2**-8, 65504.0, 65520.0,
+             2**-24, 2**-25, 1e-45, 3.3895313892515355e38, 3.4e38]
+    # Longer than one I/O chunk, with a tail shorter than a conversion chunk.
+    count = IO_ELEMENTS + CHUNK_ELEMENTS + 123
+    return np.concatenate([edges, *(rng.standard_normal(count // len(scales)) * s for s in scales)])
+
+
+def _cast_all(cast: Cast, raw: bytes) -> bytes:
+    count = len(raw) // cast.in_size
+    out = bytearray()
+    for first in range(0, count, IO_ELEMENTS):
+        n = min(IO_ELEMENTS, count - first)
+        out += cast.convert(np.frombuffer(raw, np.uint8, n * cast.in_size, first * cast.in_size))
+    return bytes(out)
+
+
+@pytest.mark.parametrize(("src", "dst"), [(a, b) for a in sorted(TORCH) for b in sorted(TORCH) if a != b])
+def test_cast_writes_the_bytes_torch_writes(src, dst):
+    source = torch.from_numpy(_values()).to(TORCH[src])
+    expected = source.to(TORCH[dst]).view(torch.uint8).numpy().tobytes()
+    assert _cast_all(Cast(src, dst), source.view(torch.uint8).numpy().tobytes()) == expected
+
+
+def _safetensors(path: Path, tensors: dict[str, np.ndarray], cast: str = "F32") -> dict[str, PlannedTensor]:
+    """Write F32 tensors in the given order; return each as an item written as `cast`."""
+    from layersplice.checkpoint.safetensors_format import encode_header
+
+    tensors = {name: array.astype(np.float32) for name, array in tensors.items()}
+    header = encode_header([(n, "F32", a.shape, a.nbytes) for n, a in tensors.items()], {"format": "pt"})
+    path.write_bytes(header + b"".join(a.tobytes() for a in tensors.values()))
+    infos = read_header(path).tensors
+    return {name: PlannedTensor(name, infos[name], "teacher", cast) for name in tensors}
+
+
+@pytest.fixture()
+def three_tensors(tmp_path) -> dict[str, PlannedTensor]:
+    rng = np.random.default_rng(0)
+    arrays = {name: rng.standard_normal((rows, 7)) for name, rows in (("a", 5), ("b", 300), ("c", 11))}
+    return _safetensors(tmp_path / "source.safetensors", arrays)
+
+
+def _write(directory: Path, items) -> list[writer.WrittenFile]:
+    directory.mkdir()
+    with SourceFiles() as sources:
+        return write_shards(directory, items, 1 << 30, sources)
+
+
+def _tensor_bytes(path: Path) -> dict[str, bytes]:
+    data = path.read_bytes()
+    return {name: data[t.start : t.end] for name, t in read_header(path).tensors.items()}
+
+
+def test_tensors_adjacent_in_a_source_are_copied_in_one_kernel_call(tmp_path, three_tensors, monkeypatch):
+    calls = []
+    real = writer.COPIERS[0]
+    monkeypatch.setattr(writer, "COPIERS", (lambda *args: calls.append(args) or real(*args), *writer.COPIERS[1:]))
+    items = [three_tensors[n] for n in ("c", "a", "b")]
+    [written] = _write(tmp_path / "out", items)
+    assert written.tensors == ("a", "b", "c")  # the source's byte order
+    assert len(calls) == 1
+    out = _tensor_bytes(tmp_path / "out" / written.name)
+    assert out == _tensor_bytes(tmp_path / "source.safetensors")
+
+
+def test_the_recorded_digest_is_blake3_of_the_file_written(tmp_path, three_tensors, monkeypatch):
+    monkeypatch.setattr(writer, "COPY_CHUNK", 1000)  # the hashing thread follows many small steps
+    [written] = _write(tmp_path / "out", list(three_tensors.values()))
+    path = tmp_path / "out" / written.name
+    assert written.blake3 == blake3_file(path) == blake3(path.read_bytes()).hexdigest()
+    assert written.size == path.stat().st_size
+
+
+def test_a_cast_of_many_chunks_writes_each_where_it_belongs(tmp_path, monkeypatch):
+    from layersplice.checkpoint import cast
+
+    monkeypatch.setattr(cast, "IO_ELEMENTS", 1000)  # many chunks in flight at once
+    rng = np.random.default_rng(1)
+    arrays = {"big": rng.standard_normal((97, 131)), "small": rng.standard_normal(3), "odd": rng.standard_normal((3, 1001))}
+    items = _safetensors(tmp_path / "source.safetensors", arrays, cast="BF16")
+    [written] = _write(tmp_path / "out", list(items.values()))
+    out = _tensor_bytes(tmp_path / "out" / written.name)
+    for name, array in arrays.items():
+        expected = torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+        assert out[name] == expected, name
+    assert written.blake3 == blake3_file(tmp_path / "out" / written.name)
+
+
+def _refusing(errno_code: int, calls: list):
+    def copier(*args):
+        calls.append(errno_code)
+        raise OSError(errno_code, os.strerror(errno_code))
+
+    return copier
+
+
+@pytest.mark.parametrize("refused", [1, 2])
+def test_a_copier_the_files_do_not_support_falls_back_to_the_next(tmp_path, three_tensors, monkeypatch, refused):
+    items = list(three_tensors.values())
+    [expected] = _write(tmp_path / "kernel", items)
+    calls: list = []
+    copiers = [_refusing(errno.EXDEV, calls)] * refused + list(writer.COPIERS[refused:])
+    monkeypatch.setattr(writer, "COPIERS", tuple(copiers))
+    [written] = _write(tmp_path / "fallback", items)
+    assert calls == [errno.EXDEV] * refused
+    assert written == expected
+    assert (tmp_path / "fallback" / written.name).read_bytes() == (tmp_path / "kernel" / expected.name).read_bytes()
+
+
+def test_a_write_error_is_raised_not_retried_another_way(tmp_path, three_tensors, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(writer, "COPIERS", (_refusing(errno.ENOSPC, calls), *writer.COPIERS))
+    with pytest.raises(OSError) as raised:
+        _write(tmp_path / "out", list(three_tensors.values()))
+    assert raised.value.errno == errno.ENOSPC and calls == [errno.ENOSPC]
+
+
+def test_build_all_checksums_are_blake3_and_sources_are_opened_once(tmp_path, checkpoints, monkeypatch):
+    from click.testing import CliRunner
+
+    from conftest import ALIGNMENTS
+    from layersplice.cli import cli
+
+    pair = checkpoints("llama", ALIGNMENTS["1-2-2"])
+    source_dirs = (str(pair.teacher_dir), str(pair.student_dir))
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path, *args, **kwargs):
+        if str(path).startswith(source_dirs):
+            opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    out = tmp_path / "sizes"
+    args = ["build", "--teacher", str(pair.teacher_dir), "--student", str(pair.student_dir), "--all", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert opened and len(opened) == len(set(opened))
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["sizes"]) > 2
+    for size in manifest["sizes"]:
+        directory = out / size["directory"]
+        provenance = json.loads((directory / "layersplice.json").read_text())
+        for records in (provenance["files"], size["files"]):
+            for name, record in records.items():
+                assert set(record) == {"size", "blake3"}
+                assert record == {"size": (directory / name).stat().st_size, "blake3": blake3_file(directory / name)}
+
+
+def test_build_without_a_cast_imports_neither_torch_nor_numpy(tmp_path, checkpoints):
+    from conftest import ALIGNMENTS
+
+    pair = checkpoints("llama", ALIGNMENTS["1-2-2"])
+    script = (
+        "import sys\n"
+        "from layersplice.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))\n"
+    )
+    args = ["build", "--teacher", str(pair.teacher_dir), "--student", str(pair.student_dir), "--keep", "1",
+            "--out", str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
