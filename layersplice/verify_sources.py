@@ -50,18 +50,21 @@ def check_against_sources(directory: Path, provenance: dict, output: Checkpoint)
         raise SourceMismatch(f"{directory}: tensor {odd!r} does not match the plan re-made from the sources")
     for item in planned:
         out = output.tensors[item.name]
-        if out.dtype != item.dtype or out.shape != item.source.shape:
-            raise SourceMismatch(f"{directory}: tensor {item.name!r} has dtype/shape {out.dtype} {list(out.shape)}, sources say {item.dtype} {list(item.source.shape)}")
-        if not _same_bytes(item, out):
-            raise SourceMismatch(
-                f"{directory}: tensor {item.name!r} differs from {item.model} tensor {item.source.name!r} "
-                f"in {item.source.file}"
-            )
+        if out.dtype != item.dtype or out.shape != item.shape:
+            raise SourceMismatch(f"{directory}: tensor {item.name!r} has dtype/shape {out.dtype} {list(out.shape)}, sources say {item.dtype} {list(item.shape)}")
+        start = out.start
+        for part in item.parts:  # a fused tensor is several source ranges, one after another
+            if not _same_bytes(part, out.file, start):
+                raise SourceMismatch(
+                    f"{directory}: tensor {item.name!r} differs from {item.model} tensor {part.source.name!r} "
+                    f"in {part.source.file}"
+                )
+            start += part.nbytes
 
 
-def _same_bytes(item: PlannedTensor, out) -> bool:
+def _same_bytes(item: PlannedTensor, out_file: Path, out_start: int) -> bool:
     if item.is_copy:
-        return _ranges_equal(item.source.file, item.source.start, out.file, out.start, out.nbytes)
+        return _ranges_equal(item.source.file, item.source.start, out_file, out_start, item.nbytes)
     import torch
 
     from layersplice.checkpoint.safetensors_format import DTYPE_SIZES
@@ -69,11 +72,11 @@ def _same_bytes(item: PlannedTensor, out) -> bool:
 
     step = CHUNK // DTYPE_SIZES[item.source.dtype]
     in_size, out_size = DTYPE_SIZES[item.source.dtype], DTYPE_SIZES[item.dtype]
-    with open(item.source.file, "rb") as src, open(out.file, "rb") as dst:
+    with open(item.source.file, "rb") as src, open(out_file, "rb") as dst:
         for first in range(0, item.source.numel, step):
             count = min(step, item.source.numel - first)
             a = os.pread(src.fileno(), count * in_size, item.source.start + first * in_size)
-            b = os.pread(dst.fileno(), count * out_size, out.start + first * out_size)
+            b = os.pread(dst.fileno(), count * out_size, out_start + first * out_size)
             cast = torch.frombuffer(bytearray(a), dtype=TORCH_DTYPES[item.source.dtype]).to(TORCH_DTYPES[item.dtype])
             if cast.view(torch.uint8).numpy().tobytes() != b:
                 return False

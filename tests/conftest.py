@@ -226,4 +226,9 @@ settings.register_profile("fuzz", max_examples=100_000, deadline=None, suppress_
 settings.load_profile("default")
 
 
-from family_models import family_pair  # noqa: E402,F401 - the session fixture for test_families/test_cross_family
+@pytest.fixture(scope="session")
+def family_pair(tmp_path_factory) -> Callable[..., Pair]:
+    """Pairs of the families beyond the core decoders, and across two families (family_models.py)."""
+    from family_models import family_pairs
+
+    return family_pairs(tmp_path_factory.mktemp("families"), Pair)

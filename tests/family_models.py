@@ -16,9 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
-from conftest import Pair
 from safetensors.torch import save_file
 from transformers import (
     AutoModel,
@@ -141,13 +139,11 @@ def save_random(kind: Kind, config: PretrainedConfig, seed: int, directory: Path
         save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
 
 
-@pytest.fixture(scope="session")
-def family_pair(tmp_path_factory) -> Callable[..., Pair]:
+def family_pairs(root: Path, pair_type: type) -> Callable[..., object]:
     """Get (and cache) a teacher of `teacher_kind` with `n_teacher` layers and a
     student of `student_kind` (default: the same) of the copied teacher layers,
     with a student_config.json unless `student_config_file` is false (a pair
-    distilled by others has none)."""
-    root = tmp_path_factory.mktemp("families")
+    distilled by others has none). Pairs are conftest.Pair objects (`pair_type`)."""
     dirs: dict[tuple, Path] = {}
     models: dict[Path, PreTrainedModel] = {}
 
@@ -162,7 +158,7 @@ def family_pair(tmp_path_factory) -> Callable[..., Pair]:
     def get(
         teacher_kind: str, copied: tuple[int, ...], n_teacher: int = 6, student_kind: str | None = None,
         student_config_file: bool = True,
-    ) -> Pair:
+    ):
         teacher_config = KINDS[teacher_kind].config(n_teacher)
         teacher = saved(teacher_kind, teacher_config, ("teacher", teacher_kind, n_teacher))
         student_kind = student_kind or teacher_kind
@@ -177,6 +173,6 @@ def family_pair(tmp_path_factory) -> Callable[..., Pair]:
             (student / "student_config.json").write_text(
                 json.dumps({"pruned_teacher_layers": pruned, "copied_teacher_layers": list(copied)})
             )
-        return Pair(teacher, student, copied, models[teacher], models[student])
+        return pair_type(teacher, student, copied, models[teacher], models[student])
 
     return get

@@ -167,3 +167,13 @@ def test_families_that_map_into_different_families_do_not_pair(family_pair, tmp_
     pair = family_pair("bert-mlm", (0, 1, 3, 5), student_kind="llama", student_config_file=False)
     message = _build_error(pair, tmp_path, "--copied-teacher-layers", "0,1,3,5", "--keep", "3")
     assert "same family" in message and "names_as" in message
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+@pytest.mark.parametrize("blocks", ["0", "1"])  # a Llama output cuts Phi-3 tensors; a Phi-3 output fuses Llama's
+def test_verify_against_sources_checks_every_row_range(family_pair, build, tmp_path, blocks, dtype):
+    pair = family_pair("llama", (0, 1, 3, 5), student_kind="phi3", student_config_file=False)
+    cast = ("--dtype", dtype) if dtype else ()
+    out = build(pair, tmp_path / "out", "--copied-teacher-layers", "0,1,3,5", "--blocks", blocks, *cast)
+    result = CliRunner().invoke(cli, ["verify", str(out), "--against-sources"])
+    assert result.exit_code == 0, result.output
