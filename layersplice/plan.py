@@ -138,6 +138,8 @@ def _same_names(a: Layout, b: Layout) -> bool:
 
 @dataclass(frozen=True)
 class _Spec:
+    """Shape and dtype of a tensor written from one or more row ranges."""
+
     shape: tuple[int, ...]
     dtype: str
 
@@ -196,7 +198,7 @@ def _check_same(what: str, teacher: tuple[TensorInfo, ...], student: tuple[Tenso
         _check_tensor(f"{what} {name}", t, s, cast)
 
 
-def _check_tensor(what: str, t: TensorInfo, s: TensorInfo, cast: str | None) -> None:
+def _check_tensor(what: str, t: TensorInfo | _Spec, s: TensorInfo | _Spec, cast: str | None) -> None:
     if t.shape != s.shape:
         raise AlignmentError(f"{what}: teacher shape {list(t.shape)} != student shape {list(s.shape)}")
     if t.dtype != s.dtype and not (cast and {t.dtype, s.dtype} <= FLOAT_DTYPES):
@@ -243,7 +245,8 @@ def _assemble(
     if emb_from == head_from:
         tensors += [planned(t.name, (t,), head_from) for t in out.head]
     else:
-        # The head ties to an embedding that is not the one we write: give it its own tensors.
+        # The head's model is not the embeddings' model: spell out its ties (the tied
+        # matrix is not the one we write) and name it as the output family does.
         tensors += [planned(name, parts, head_from) for name, parts in _head_in(layouts, head_from, emb_from, rows).items()]
     tied = out.tied and emb_from == head_from
     return Plan(patched, tuple(layers), tuple(tensors), emb_from, head_from, tied)

@@ -72,9 +72,6 @@ class Layout:
         """Head renames into this family, spelled as this checkpoint spells its head."""
         return self.head_names.spelled_like(self.head_untied())
 
-    def tied_embedding(self) -> TensorInfo | None:
-        return self.embeddings[0] if self.tied and self.embeddings else None
-
     def head_untied(self) -> dict[str, TensorInfo]:
         """The head with the tensors the loader would tie spelled out (for an output whose
         embeddings come from another model): the tied head is the embedding matrix."""
