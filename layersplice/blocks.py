@@ -9,11 +9,21 @@ from __future__ import annotations
 from layersplice.alignment import Alignment
 from layersplice.errors import LayerspliceError
 
-ORDERS = ("last", "first")
+ORDERS = ("last", "first", "kl")
+# "last", "first", or the blocks themselves in the order they are patched
+# (what --order kl chooses and --order-file reads back).
+Order = str | tuple[int, ...]
 
 
-def patch_order(alignment: Alignment, order: str) -> list[int]:
+def patch_order(alignment: Alignment, order: Order) -> list[int]:
     blocks = list(range(alignment.n_student))
+    if isinstance(order, tuple):
+        if sorted(order) != blocks:
+            raise LayerspliceError(
+                f"patch order {list(order)} does not name each of the student's blocks "
+                f"0..{alignment.n_student - 1} exactly once"
+            )
+        return list(order)
     if order == "last":
         return blocks[::-1]
     if order == "first":
@@ -26,7 +36,7 @@ def size_of(alignment: Alignment, patched: frozenset[int]) -> int:
     return alignment.n_student + sum(alignment.block_length(b) - 1 for b in patched)
 
 
-def by_keep(alignment: Alignment, keep: int, order: str) -> frozenset[int]:
+def by_keep(alignment: Alignment, keep: int, order: Order) -> frozenset[int]:
     """Keep `keep` student blocks; patch the rest, starting at the patched end."""
     if not 0 <= keep <= alignment.n_student:
         raise LayerspliceError(
@@ -35,7 +45,7 @@ def by_keep(alignment: Alignment, keep: int, order: str) -> frozenset[int]:
     return frozenset(patch_order(alignment, order)[: alignment.n_student - keep])
 
 
-def by_patch(alignment: Alignment, k: int, order: str) -> frozenset[int]:
+def by_patch(alignment: Alignment, k: int, order: Order) -> frozenset[int]:
     """The reference's count: the longest run, in patch order, holding exactly k multi-layer blocks."""
     multi = sum(1 for b in range(alignment.n_student) if alignment.block_length(b) > 1)
     if not 0 <= k:
@@ -55,7 +65,7 @@ def by_patch(alignment: Alignment, k: int, order: str) -> frozenset[int]:
     return frozenset(patched)
 
 
-def by_layers(alignment: Alignment, layers: int, order: str) -> frozenset[int]:
+def by_layers(alignment: Alignment, layers: int, order: Order) -> frozenset[int]:
     """The model with `layers` layers along the patch order.
 
     The pure student and the pure teacher answer their own sizes; in between,
@@ -90,6 +100,6 @@ def by_blocks(alignment: Alignment, blocks: tuple[int, ...]) -> frozenset[int]:
     return frozenset(blocks)
 
 
-def keep_sequence(alignment: Alignment, order: str) -> list[tuple[int, frozenset[int]]]:
+def keep_sequence(alignment: Alignment, order: Order) -> list[tuple[int, frozenset[int]]]:
     """(keep, patched) for every keep from the student down to the teacher."""
     return [(keep, by_keep(alignment, keep, order)) for keep in range(alignment.n_student, -1, -1)]

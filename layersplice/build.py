@@ -11,7 +11,7 @@ from typing import Callable
 from layersplice import __version__
 from layersplice.alignment import STUDENT_CONFIG_NAME, Alignment
 from layersplice.architectures.layout import Layout
-from layersplice.blocks import by_layers, keep_sequence, size_of
+from layersplice.blocks import Order, by_layers, keep_sequence, size_of
 from layersplice.checkpoint.atomic import atomic_directory
 from layersplice.checkpoint.sealed_json import read_sealed, write_sealed
 from layersplice.checkpoint.source import INDEX_FILE, SIDE_FILES, Checkpoint
@@ -105,7 +105,7 @@ def size_name(name: str, plan: Plan) -> str:
     return f"{name}-{plan.n_layers}L"
 
 
-def all_plans(job: Job, order: str) -> list[tuple[int | None, Plan]]:
+def all_plans(job: Job, order: Order) -> list[tuple[int | None, Plan]]:
     """(keep, plan) for every distinct size along the order, each chosen as --layers chooses it."""
     alignment = job.pair.alignment
     keep_of = {patched: keep for keep, patched in keep_sequence(alignment, order)}
@@ -118,8 +118,9 @@ def all_plans(job: Job, order: str) -> list[tuple[int | None, Plan]]:
 
 
 def build_all(
-    job: Job, order: str, out: Path, name: str, shard_size: int, force: bool,
+    job: Job, order: Order, out: Path, name: str, shard_size: int, force: bool,
     progress: ProgressFn | None = None, on_size: Callable[[str, Plan, bool], None] | None = None,
+    order_record: dict | None = None,
 ) -> list[Built]:
     """Every size into out/<name>-<layers>L/ plus out/manifest.json.
 
@@ -130,7 +131,7 @@ def build_all(
     with atomic_directory(out, force, adopt=True) as tmp, SourceFiles() as sources:
         for keep, plan in all_plans(job, order):
             sub = size_name(name, plan)
-            choice = {"layers": plan.n_layers, "keep": keep, "order": order}
+            choice = {"layers": plan.n_layers, "keep": keep, **(order_record or {"order": order})}
             files = _verified_files(job, plan, choice, tmp / sub)
             if on_size:
                 on_size(sub, plan, files is not None)

@@ -14,10 +14,12 @@ from rich.console import Console
 
 from layersplice import __version__
 from layersplice.alignment import AlignmentSpec, parse_layer_list
-from layersplice.blocks import ORDERS, by_blocks, by_keep, by_layers, by_patch
+from layersplice.blocks import ORDERS, Order, by_blocks, by_keep, by_layers, by_patch
 from layersplice.errors import EXIT_INTERNAL, LayerspliceError
 from layersplice.job import Job, open_job
+from layersplice.order_choice import resolve_order
 from layersplice.recipe import Recipe, load_recipe, model_reference
+from layersplice.sizes import describe_target, pick_target
 from layersplice.units import parse_bytes
 
 err_console = Console(stderr=True)
@@ -87,8 +89,9 @@ class Sources:
 
     job: Job
     recipe: Recipe | None
-    order: str
+    order: Order
     shard_size: int
+    order_record: dict  # how the order was chosen, for layersplice.json
 
 
 allow_pickle_option = click.option(
@@ -109,7 +112,9 @@ def source_options(func):
         click.option("--first", type=int, help="Alignment rule: leading one-layer blocks (reference default 1)."),
         click.option("--every", type=int, help="Alignment rule: teacher layers per block (reference default 2)."),
         click.option("--last", type=int, help="Alignment rule: trailing one-layer blocks (reference default 2)."),
-        click.option("--order", type=click.Choice(ORDERS), help="Patch blocks from the end (last) or the start (first). Default: the recipe's, else last."),
+        click.option("--order", type=click.Choice(ORDERS), help="Patch blocks from the end (last), the start (first), or greedily by KL to the teacher on --calib text (kl). Default: the recipe's, else last."),
+        click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration text for --order kl (.txt, .jsonl, .parquet or a folder)."),
+        click.option("--order-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Reuse the patch order recorded in a layersplice.json (e.g. one built with --order kl)."),
         click.option("--dtype", type=click.Choice(sorted(DTYPE_CHOICES)), help="Cast floating tensors (streams chunk by chunk). Default: copy bytes as they are."),
         click.option("--arch", "arch_file", type=click.Path(dir_okay=False, path_type=Path), help="Family description YAML for a model layersplice does not know."),
         allow_pickle_option,
@@ -121,7 +126,8 @@ def source_options(func):
 
 def resolve_sources(recipe_path, teacher, student, teacher_revision, student_revision,
                     copied_teacher_layers, first, every, last, order, dtype, arch_file,
-                    allow_pickle: bool = False, shard_size: str | None = None) -> Sources:
+                    allow_pickle: bool = False, shard_size: str | None = None,
+                    order_file: Path | None = None, calib: Path | None = None) -> Sources:
     recipe, base = load_recipe(recipe_path) if recipe_path else (None, Path("."))
     if recipe is None and not (teacher and student):
         raise LayerspliceError("name the models: --teacher T --student S, or --recipe recipes/NAME.yaml")
@@ -141,7 +147,20 @@ def resolve_sources(recipe_path, teacher, student, teacher_revision, student_rev
     for note in job.warnings:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     size = shard_size or (recipe.shard_size if recipe else "5GB")
-    return Sources(job, recipe, order or (recipe.order if recipe else "last"), parse_bytes(size))
+    resolved, record = _resolve_order(job, order or (recipe.order if recipe else "last"), order_file, calib)
+    return Sources(job, recipe, resolved, parse_bytes(size), record)
+
+
+def _resolve_order(job: Job, order: str, order_file: Path | None, calib: Path | None) -> tuple[Order, dict]:
+    def step(count: int, block: int, kl: float) -> None:
+        err_console.print(f"--order kl: patch {count} is block {block} (KL to the teacher {kl:.4f})", highlight=False)
+
+    resolved, record = resolve_order(job, order, order_file, calib, on_step=step)
+    if isinstance(resolved, tuple):
+        chosen = record.get("kl_order", {}).get("chosen_from")
+        how = f" (the {chosen} order scored best)" if chosen and chosen != "greedy" else ""
+        err_console.print(f"patch order: blocks {','.join(map(str, resolved))}{how}", highlight=False)
+    return resolved, record
 
 
 def alignment_specs(copied_teacher_layers, first, every, last) -> list[AlignmentSpec]:
@@ -157,6 +176,16 @@ def alignment_specs(copied_teacher_layers, first, every, last) -> list[Alignment
     return specs
 
 
+def target_options(func):
+    options = [
+        click.option("--params", help="The size nearest this parameter count, e.g. 1.5B or 350M."),
+        click.option("--max-bytes", help="The largest size whose weights fit, e.g. 3GiB or 500MB."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def choice_options(func):
     options = [
         click.option("--keep", type=int, help="Keep K student blocks; replace every other block by its teacher block."),
@@ -164,15 +193,17 @@ def choice_options(func):
         click.option("--layers", type=int, help="The model with L layers."),
         click.option("--blocks", help="Patch exactly these student blocks, e.g. 3,4,7."),
     ]
+    func = target_options(func)
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def choose(sources: Sources, keep, patch, layers, blocks) -> tuple[frozenset[int], dict]:
-    given = {k: v for k, v in (("keep", keep), ("patch", patch), ("layers", layers), ("blocks", blocks)) if v is not None}
+def choose(sources: Sources, keep, patch, layers, blocks, params=None, max_bytes=None) -> tuple[frozenset[int], dict]:
+    named = (("keep", keep), ("patch", patch), ("layers", layers), ("blocks", blocks), ("params", params), ("max_bytes", max_bytes))
+    given = {k: v for k, v in named if v is not None}
     if len(given) != 1:
-        raise LayerspliceError("choose the size with exactly one of --keep, --patch, --layers, --blocks (or --all)")
+        raise LayerspliceError("choose the size with exactly one of --keep, --patch, --layers, --blocks, --params, --max-bytes (or --all)")
     alignment, order = sources.job.pair.alignment, sources.order
     if keep is not None:
         patched = by_keep(alignment, keep, order)
@@ -180,9 +211,18 @@ def choose(sources: Sources, keep, patch, layers, blocks) -> tuple[frozenset[int
         patched = by_patch(alignment, patch, order)
     elif layers is not None:
         patched = by_layers(alignment, layers, order)
-    else:
+    elif blocks is not None:
         patched = by_blocks(alignment, parse_layer_list(blocks))
-    return patched, {**given, "order": order}
+    else:
+        patched = announce_target(sources, params, max_bytes).plan.patched
+    return patched, {**given, **sources.order_record}
+
+
+def announce_target(sources: Sources, params, max_bytes):
+    """The size --params or --max-bytes picks, printed."""
+    target = pick_target(sources.job, sources.order, params, max_bytes)
+    err_console.print(describe_target(target), highlight=False)
+    return target
 
 
 def with_sources(func):
@@ -190,10 +230,10 @@ def with_sources(func):
 
     @functools.wraps(func)
     def wrapper(recipe, teacher, student, teacher_revision, student_revision, copied_teacher_layers,
-                first, every, last, order, dtype, arch_file, allow_pickle, **kwargs):
+                first, every, last, order, calib, order_file, dtype, arch_file, allow_pickle, **kwargs):
         sources = resolve_sources(recipe, teacher, student, teacher_revision, student_revision,
                                   copied_teacher_layers, first, every, last, order, dtype, arch_file,
-                                  allow_pickle, kwargs.pop("shard_size", None))
+                                  allow_pickle, kwargs.pop("shard_size", None), order_file=order_file, calib=calib)
         return func(sources, **kwargs)
 
     return wrapper

@@ -13,7 +13,8 @@ from layersplice import display
 from layersplice.alignment import AlignmentSpec, resolve_alignment
 from layersplice.build import all_plans, build_all, build_one, init_student
 from layersplice.cli import (
-    DTYPE_CHOICES, Sources, alignment_specs, allow_pickle_option, choice_options, choose, cli, source_options, with_sources,
+    DTYPE_CHOICES, Sources, alignment_specs, allow_pickle_option, announce_target, choice_options, choose, cli,
+    source_options, target_options, with_sources,
 )
 from layersplice.errors import LayerspliceError
 from layersplice.job import single_layout
@@ -41,7 +42,7 @@ def _progress() -> Progress:
 @click.option("--shard-size", help="Largest shard, e.g. 5GB (default), 500MB, 2GiB.")
 @click.option("--force", is_flag=True, help="Replace an existing layersplice output at --out.")
 @with_sources
-def build(sources: Sources, keep, patch, layers, blocks, all_sizes, out, name, force) -> None:
+def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_sizes, out, name, force) -> None:
     """Write an interpolated Hugging Face checkpoint, shard by shard.
 
     Tensor bytes are copied straight from the teacher and student files (no
@@ -53,25 +54,27 @@ def build(sources: Sources, keep, patch, layers, blocks, all_sizes, out, name, f
       layersplice build --recipe recipes/llama3.yaml --keep 12
       layersplice build --teacher ./teacher --student ./student --keep 4 --out ./mid
       layersplice build --recipe recipes/tiny.yaml --all --out sizes/
+      layersplice build --recipe recipes/qwen3.yaml --params 3B --out qwen3-3b
+      layersplice build --recipe recipes/tiny.yaml --order kl --calib held-out.txt --keep 2 --out tiny-kl
     """
     job = sources.job
     name = name or (sources.recipe.name if sources.recipe else Path(job.teacher.directory).name)
     if all_sizes:
-        if any(v is not None for v in (keep, patch, layers, blocks)):
-            raise LayerspliceError("--all writes every size; drop --keep/--patch/--layers/--blocks")
+        if any(v is not None for v in (keep, patch, layers, blocks, params, max_bytes)):
+            raise LayerspliceError("--all writes every size; drop --keep/--patch/--layers/--blocks/--params/--max-bytes")
         target = out or (Path("out") / name)
         total = sum(plan.nbytes for _, plan in all_plans(job, sources.order))
         with _progress() as progress:
             task = progress.add_task("writing all sizes", total=total)
             built = build_all(
-                job, sources.order, target, name, sources.shard_size, force,
+                job, sources.order, target, name, sources.shard_size, force, order_record=sources.order_record,
                 progress=lambda n: progress.advance(task, n),
                 on_size=lambda sub, plan, kept: progress.update(
                     task, description=f"{'kept verified' if kept else 'writing'} {sub}"),
             )
         display.built_table(console, built, target)
         return
-    patched, choice = choose(sources, keep, patch, layers, blocks)
+    patched, choice = choose(sources, keep, patch, layers, blocks, params, max_bytes)
     plan = make_plan(job.pair, patched, job.cast)
     if out is None:
         if sources.recipe is None:
@@ -85,22 +88,31 @@ def build(sources: Sources, keep, patch, layers, blocks, all_sizes, out, name, f
 
 @cli.command()
 @source_options
+@target_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @with_sources
-def plan(sources: Sources, as_json: bool) -> None:
+def plan(sources: Sources, params, max_bytes, as_json: bool) -> None:
     """Show every reachable size before writing anything.
 
     One row per --keep value from the student down to the teacher: layers,
     parameters, bytes on disk and the teacher blocks used.
 
+    With --params or --max-bytes it also names the one size that request picks.
+
     \b
-    Example:
+    Examples:
       layersplice plan --recipe recipes/tiny.yaml
+      layersplice plan --recipe recipes/qwen3.yaml --max-bytes 6GiB
     """
     job = sources.job
     rows = display.plan_rows(job, sources.order)
+    target = announce_target(sources, params, max_bytes) if params or max_bytes else None
     if as_json:
-        click.echo(json.dumps(display.plan_json(job, sources.order, rows), indent=2))
+        data = {**display.plan_json(job, sources.order, rows), **sources.order_record}
+        if target is not None:
+            data["chosen"] = {"keep": target.keep, "layers": target.plan.n_layers, "parameters": target.plan.params,
+                              "bytes": target.plan.nbytes, "reason": target.reason}
+        click.echo(json.dumps(data, indent=2))
     else:
         display.plan_table(console, job, sources.order, rows)
 
@@ -193,6 +205,8 @@ def verify(path: Path, against_sources: bool) -> None:
         f"[green]ok[/]: {len(result.directories)} model(s), {result.files} files, "
         f"{format_bytes(result.bytes)} verified{' against sources' if against_sources else ''}"
     )
+
+from layersplice import eval_commands  # noqa: E402,F401 - registers eval and demo on `cli`
 from layersplice.describe import describe_command  # noqa: E402
 
 cli.add_command(describe_command)

@@ -22,7 +22,7 @@ def per_layer_values(config: dict, key: str, n_layers: int) -> list | None:
     value = config.get(key)
     if isinstance(value, list):
         return value if len(value) == n_layers else _wrong_length(key, len(value), n_layers)
-    derived = getattr(_transformers_config(config), key, None)
+    derived = getattr(transformers_config(config), key, None)
     if isinstance(derived, list) and len(derived) == n_layers:
         return list(derived)
     return None
@@ -32,7 +32,8 @@ def _wrong_length(key: str, got: int, n_layers: int) -> list:
     raise ArchitectureError(f"config.json: {key} has {got} entries but the model has {n_layers} layers")
 
 
-def _transformers_config(config: dict):
+def transformers_config(config: dict):
+    """transformers' config object for a config.json dict, or None where transformers has none."""
     try:
         from transformers import AutoConfig
 

@@ -222,8 +222,18 @@ def make_plan(pair: Pair, patched: frozenset[int], cast: str | None = None) -> P
 
 def student_init_plan(teacher: Layout, alignment: Alignment, cast: str | None = None) -> Plan:
     """The initial student: the kept teacher layers, renumbered, with the teacher's embeddings and head."""
-    layers = [OutputLayer(i, TEACHER, t, i) for i, t in enumerate(alignment.copied)]
-    return _assemble({TEACHER: teacher}, layers, TEACHER, TEACHER, frozenset(), cast)
+    return pruned_teacher_plan(teacher, alignment, frozenset(), cast)
+
+
+def pruned_teacher_plan(teacher: Layout, alignment: Alignment, patched: frozenset[int], cast: str | None = None) -> Plan:
+    """The naive baseline of METHOD.md §1: the teacher alone, each unpatched block cut
+    down to its kept layer. It has the size and layer selection of make_plan's splice
+    with the same blocks patched, but no distilled layer."""
+    layers: list[OutputLayer] = []
+    for block, (start, end) in enumerate(alignment.blocks):
+        kept = range(start, end) if block in patched else (start,)
+        layers.extend(OutputLayer(len(layers), TEACHER, t, block) for t in kept)
+    return _assemble({TEACHER: teacher}, layers, TEACHER, TEACHER, frozenset(patched), cast)
 
 
 def _assemble(

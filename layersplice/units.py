@@ -13,14 +13,26 @@ _BYTE_UNITS = {
 }
 
 
+_PARAM_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
 def parse_bytes(text: str) -> int:
+    return _parse_scaled(text, _BYTE_UNITS, "size", "5GB, 500MB or 2GiB")
+
+
+def parse_params(text: str) -> int:
+    """A parameter count such as '1.5B', '350M' or '120000'."""
+    return _parse_scaled(text, _PARAM_UNITS, "parameter count", "1.5B, 350M or 20K")
+
+
+def _parse_scaled(text: str, units: dict[str, int], what: str, examples: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).upper() if match else None
-    if not match or unit not in _BYTE_UNITS:
-        raise LayerspliceError(f"cannot read size {text!r}: use a number with a unit such as 5GB, 500MB or 2GiB")
-    value = int(float(match.group(1)) * _BYTE_UNITS[unit])
+    if not match or unit not in units:
+        raise LayerspliceError(f"cannot read {what} {text!r}: use a number with a unit such as {examples}")
+    value = int(float(match.group(1)) * units[unit])
     if value <= 0:
-        raise LayerspliceError(f"size {text!r} must be positive")
+        raise LayerspliceError(f"{what} {text!r} must be positive")
     return value
 
 

@@ -1,0 +1,67 @@
+"""`layersplice demo`: plan, build every size, evaluate against the naive
+baseline and plot, on the tiny fixture pair that ships with the repository."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from layersplice import __version__, display
+from layersplice.build import build_all
+from layersplice.cli import resolve_sources
+from layersplice.errors import LayerspliceError
+from layersplice.eval_report import interpolation_summary, size_row
+from layersplice.stdlib_text import HELD_OUT_MODULES, write_documents
+from layersplice.verify import MANIFEST_FILE
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+RECIPE = REPOSITORY / "recipes" / "tiny.yaml"
+SEQ_LEN = 128
+MAX_TOKENS = 16384
+
+
+def run_demo(out: Path, console: Console) -> dict:
+    """Everything the demo does; returns the summary it prints."""
+    import torch
+
+    from layersplice.eval_commands import perplexity_run
+    from layersplice.evaluate import EvalRequest
+
+    if not RECIPE.exists():
+        raise LayerspliceError(f"{RECIPE} is missing: the demo runs from a clone of the layersplice repository")
+    # The fixture models are so small that a second thread only adds overhead.
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    sources = resolve_sources(
+        recipe_path=RECIPE, teacher=None, student=None, teacher_revision=None, student_revision=None,
+        copied_teacher_layers=None, first=None, every=None, last=None, order=None, dtype=None, arch_file=None,
+    )
+    job, name = sources.job, sources.recipe.name
+    display.plan_table(console, job, sources.order, display.plan_rows(job, sources.order))
+    sizes_dir = out / "sizes"
+    built = build_all(job, sources.order, sizes_dir, name, sources.shard_size, force=True,
+                      order_record=sources.order_record)
+    display.built_table(console, built, sizes_dir)
+    held_out = write_documents(out / "held-out.jsonl", HELD_OUT_MODULES)
+    request = EvalRequest(held_out, baseline=True, models_dir=sizes_dir, seq_len=SEQ_LEN, max_tokens=MAX_TOKENS, device="cpu")
+    meta = {"layersplice_version": __version__, "name": name, "sources": job.describe_sources(), "order": sources.order_record}
+    results, paths = perplexity_run(sources, request, meta, out, console)
+    seconds = time.perf_counter() - started
+    console.print(
+        f"demo done in {seconds:.0f} s. In {out}: sizes/ ({len(built)} checkpoints and {MANIFEST_FILE}), "
+        f"{', '.join(p.name for p in paths.values())}",
+        highlight=False,
+    )
+    return {
+        "out": str(out),
+        "sizes_dir": str(sizes_dir),
+        "checkpoints": [str(b.directory) for b in built],
+        "files": {kind: str(path) for kind, path in paths.items()},
+        "held_out": str(held_out),
+        "sizes": [size_row(r) for r in results],
+        "summary": interpolation_summary(results),
+        "seconds": round(seconds, 1),
+    }

@@ -1,0 +1,143 @@
+"""What `eval` leaves behind: a rich table, JSON, CSV and a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from layersplice.evaluate import INTERPOLATED_ROLE, STUDENT_ROLE, TEACHER_ROLE, SizeResult
+from layersplice.plot import Curve, plot_family
+from layersplice.units import format_params
+
+PERPLEXITY_FILES = ("eval.json", "eval.csv", "eval.png")
+TASK_FILES = ("tasks.json", "tasks.csv", "tasks.png")
+LOG_SCALE_SPREAD = 10  # a log perplexity axis once the worst is 10x the best (naive dropping often is)
+
+
+def size_row(result: SizeResult) -> dict:
+    return {
+        "role": result.role,
+        "layers": result.layers,
+        "parameters": result.parameters,
+        "bytes": result.bytes,
+        "keep": result.keep,
+        "patched_blocks": list(result.patched_blocks),
+        "perplexity": result.perplexity,
+        "tokens": result.tokens,
+        "naive_perplexity": result.naive_perplexity,
+        "margin_vs_naive": result.margin,
+    }
+
+
+def write_perplexity_report(out: Path, results: list[SizeResult], meta: dict) -> dict[str, Path]:
+    """eval.json, eval.csv and eval.png in `out`; returns {kind: path}."""
+    rows = [size_row(r) for r in results]
+    paths = dict(zip(("json", "csv", "png"), (out / name for name in PERPLEXITY_FILES)))
+    write_json(paths["json"], {**meta, "sizes": rows})
+    write_csv(paths["csv"], rows)
+    curves = [Curve("boomerang interpolation", [r.parameters for r in results], [r.perplexity for r in results])]
+    if all(r.naive_perplexity is not None for r in results):
+        curves.append(Curve("naive layer dropping (no distillation)", [r.parameters for r in results],
+                            [r.naive_perplexity for r in results], "--"))
+    student, teacher = _ends(results)
+    plot_family(paths["png"], curves, (student.parameters, student.perplexity), (teacher.parameters, teacher.perplexity),
+                "perplexity (held-out text)", f"Perplexity against size: {meta.get('name', '')}".rstrip(": "),
+                log_y=_spread(curves) > LOG_SCALE_SPREAD)
+    return paths
+
+
+def _spread(curves: list[Curve]) -> float:
+    values = [v for curve in curves for v in curve.values]
+    return max(values) / min(values)
+
+
+def _ends(results: list) -> tuple:
+    """The student and the teacher rows; the smallest and largest size when either was not evaluated."""
+    by_role = {r.role: r for r in results}
+    return by_role.get(STUDENT_ROLE, results[0]), by_role.get(TEACHER_ROLE, results[-1])
+
+
+def perplexity_table(console: Console, results: list[SizeResult], title: str) -> None:
+    table = Table(title=title)
+    naive = any(r.naive_perplexity is not None for r in results)
+    columns = ["model", "layers", "parameters", "perplexity"] + (["naive dropping", "margin"] if naive else [])
+    for column in columns:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in results:
+        row = [r.role, str(r.layers), format_params(r.parameters), f"{r.perplexity:.3f}"]
+        if naive:
+            margin = "" if r.role == TEACHER_ROLE else f"{r.margin:+.3f}"
+            row += [f"{r.naive_perplexity:.3f}", margin]
+        table.add_row(*row)
+    console.print(table)
+
+
+def interpolation_summary(results: list[SizeResult]) -> list[str]:
+    """One line a check of what the method promises: ordered, bracketed, better than naive."""
+    student, teacher = _ends(results)
+    middle = [r for r in results if r.role == INTERPOLATED_ROLE]
+    values = [r.perplexity for r in results]
+    lines = [
+        f"student {student.perplexity:.3f} -> teacher {teacher.perplexity:.3f} perplexity; "
+        f"{len(middle)} interpolated sizes in between",
+        "perplexity falls as size grows: " + ("yes" if all(a >= b for a, b in zip(values, values[1:])) else "no"),
+    ]
+    margins = [r.margin for r in middle if r.margin is not None]
+    if margins:
+        lines.append(
+            f"better than naive layer dropping at {sum(m > 0 for m in margins)}/{len(margins)} interpolated sizes; "
+            f"margin {min(margins):+.3f} to {max(margins):+.3f} perplexity"
+        )
+    return lines
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items()})
+
+
+def write_task_report(out: Path, results: list, meta: dict) -> dict[str, Path]:
+    """tasks.json, tasks.csv and tasks.png (each task's accuracy against parameters)."""
+    from layersplice.lm_tasks import headline_metric
+
+    paths = dict(zip(("json", "csv", "png"), (out / name for name in TASK_FILES)))
+    base = [{"role": r.role, "layers": r.layers, "parameters": r.parameters, "keep": r.keep} for r in results]
+    write_json(paths["json"], {**meta, "sizes": [{**row, "scores": r.scores} for row, r in zip(base, results)]})
+    write_csv(paths["csv"], [
+        {**row, **{f"{task}/{metric}": value for task, metrics in r.scores.items() for metric, value in metrics.items()}}
+        for row, r in zip(base, results)
+    ])
+    tasks = list(results[0].scores)
+    metric = {task: headline_metric(results[0].scores[task]) for task in tasks}
+    curves = [Curve(f"{task} ({metric[task]})", [r.parameters for r in results],
+                    [r.scores[task][metric[task]] for r in results]) for task in tasks]
+    first = tasks[0]
+    student, teacher = _ends(results)
+    plot_family(paths["png"], curves, (student.parameters, student.scores[first][metric[first]]),
+                (teacher.parameters, teacher.scores[first][metric[first]]),
+                "accuracy", f"lm-eval accuracy against size: {meta.get('name', '')}".rstrip(": "))
+    return paths
+
+
+def task_table(console: Console, results: list, title: str) -> None:
+    from layersplice.lm_tasks import headline_metric
+
+    table = Table(title=title)
+    tasks = list(results[0].scores)
+    for column in ["model", "layers", "parameters", *tasks]:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in results:
+        cells = [f"{r.scores[t][headline_metric(r.scores[t])]:.4f}" for t in tasks]
+        table.add_row(r.role, str(r.layers), format_params(r.parameters), *cells)
+    console.print(table)

@@ -1,0 +1,125 @@
+"""Splices as live transformers models, without writing a file.
+
+The teacher's and the student's tensors are read once; the model of any plan
+is then assembled from references to them, so every size of a family costs
+no more memory than the two source models (plus one size's activations).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+
+from layersplice.configs import spliced_config, transformers_config
+from layersplice.errors import ArchitectureError, LayerspliceError
+from layersplice.job import Job
+from layersplice.plan import TEACHER, Plan, make_plan, pruned_teacher_plan
+
+TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LayerspliceError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
+    return torch.device(name)
+
+
+def compute_dtype(job: Job, device: torch.device) -> torch.dtype:
+    """--dtype if given; else the stored dtype on a GPU and fp32 on a CPU (CPU half precision is slow)."""
+    if job.cast:
+        return TORCH_DTYPES[job.cast]
+    if device.type == "cpu":
+        return torch.float32
+    stored = {t.dtype for t in job.teacher.tensors.values()} & set(TORCH_DTYPES)
+    return TORCH_DTYPES[stored.pop()] if len(stored) == 1 else torch.float32
+
+
+class LoadedPair:
+    """Teacher and student tensors, each read at most once, and the models made from them."""
+
+    def __init__(self, job: Job, device: torch.device, dtype: torch.dtype) -> None:
+        self.job, self.device, self.dtype = job, device, dtype
+        self._tensors: dict[str, dict[str, torch.Tensor]] = {}
+
+    def tensors(self, model: str) -> dict[str, torch.Tensor]:
+        if model not in self._tensors:
+            self._tensors[model] = self._read(model)
+        return self._tensors[model]
+
+    def _read(self, model: str) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for path in self.job.checkpoint(model).files:
+            with safe_open(str(path), framework="pt", device=str(self.device)) as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name)
+                    tensors[name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        return tensors
+
+    def splice(self, patched: frozenset[int]):
+        """The distilled splice with these blocks patched (what `build` would write)."""
+        return self.model(make_plan(self.job.pair, patched, self.job.cast))
+
+    def naive(self, patched: frozenset[int]):
+        """The same layer selection taken from the teacher alone: no distillation (METHOD.md §1)."""
+        pair = self.job.pair
+        return self.model(pruned_teacher_plan(pair.teacher, pair.alignment, patched, self.job.cast))
+
+    def model(self, plan: Plan):
+        config, _ = spliced_config(self.job.layouts, plan, self.job.configs, self.job.cast)
+        state = {t.name: self.tensors(t.model)[t.source.name] for t in plan.tensors}
+        return model_from_state(config, state, self.device)
+
+    @property
+    def teacher_model(self):
+        return self.splice(frozenset(range(self.job.pair.alignment.n_student)))
+
+    def tokenizer_directory(self):
+        return self.job.checkpoint(TEACHER).directory
+
+
+def model_from_state(config: dict, state: dict[str, torch.Tensor], device: torch.device):
+    """A model of `config` whose parameters are the tensors of `state` themselves, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    config_object = transformers_config(config)
+    if config_object is None:
+        raise ArchitectureError(
+            f"transformers cannot build model_type {config.get('model_type')!r}; evaluating in memory "
+            "needs a model family transformers knows (or evaluate a `build --all` directory with --models)"
+        )
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config_object)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    unset = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if unset:
+        raise ArchitectureError(f"the plan leaves {len(unset)} parameters of the model unset, e.g. {unset[0]!r}")
+    return model.to(device).eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules whose parameters take no memory but whose buffers (rotary tables) are real.
+
+    Buffers are computed from the config at construction and are not in the
+    checkpoint, so they must be made for real; parameters are replaced by
+    the source tensors right after.
+    """
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
