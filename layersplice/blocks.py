@@ -45,15 +45,15 @@ def by_keep(alignment: Alignment, keep: int, order: Order) -> frozenset[int]:
     return frozenset(patch_order(alignment, order)[: alignment.n_student - keep])
 
 
+def multi_layer_blocks(alignment: Alignment) -> int:
+    return sum(1 for b in range(alignment.n_student) if alignment.block_length(b) > 1)
+
+
 def by_patch(alignment: Alignment, k: int, order: Order) -> frozenset[int]:
     """The reference's count: the longest run, in patch order, holding exactly k multi-layer blocks."""
-    multi = sum(1 for b in range(alignment.n_student) if alignment.block_length(b) > 1)
-    if not 0 <= k:
-        raise LayerspliceError(f"--patch {k} is out of range: use 0..{multi}")
-    if k > multi:
-        raise LayerspliceError(
-            f"--patch {k} is out of range: the alignment has {multi} multi-layer blocks (0..{multi})"
-        )
+    if k < 0:
+        raise LayerspliceError(f"--patch {k} is out of range: use 0..{multi_layer_blocks(alignment)}")
+    # As in the reference, any k from the number of multi-layer blocks up patches everything.
     patched: list[int] = []
     seen = 0
     for block in patch_order(alignment, order):
@@ -76,11 +76,8 @@ def by_layers(alignment: Alignment, layers: int, order: Order) -> frozenset[int]
     if layers == alignment.n_teacher:
         return frozenset(range(alignment.n_student))
     reachable = []
-    for k in range(alignment.n_teacher + 1):
-        try:
-            patched = by_patch(alignment, k, order)
-        except LayerspliceError:
-            break
+    for k in range(multi_layer_blocks(alignment) + 1):
+        patched = by_patch(alignment, k, order)
         if size_of(alignment, patched) == layers:
             return patched
         reachable.append(size_of(alignment, patched))

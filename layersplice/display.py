@@ -11,9 +11,8 @@ from rich.table import Table
 from layersplice import __version__
 from layersplice.alignment import read_student_config
 from layersplice.architectures.layout import Layout
-from layersplice.blocks import by_patch, keep_sequence
+from layersplice.blocks import by_patch, keep_sequence, multi_layer_blocks
 from layersplice.checkpoint.source import Checkpoint
-from layersplice.errors import LayerspliceError
 from layersplice.job import Job
 from layersplice.plan import Plan, make_plan
 from layersplice.units import format_bytes, format_params
@@ -23,11 +22,8 @@ def plan_rows(job: Job, order: str) -> list[tuple[int, Plan, int | None]]:
     """(keep, plan, reference --patch k giving the same blocks or None) for every keep."""
     alignment = job.pair.alignment
     patch_of: dict[frozenset[int], int] = {}
-    for k in range(alignment.n_student + 1):
-        try:
-            patch_of.setdefault(by_patch(alignment, k, order), k)
-        except LayerspliceError:
-            break
+    for k in range(multi_layer_blocks(alignment) + 1):
+        patch_of.setdefault(by_patch(alignment, k, order), k)
     return [
         (keep, make_plan(job.pair, patched, job.cast), patch_of.get(patched))
         for keep, patched in keep_sequence(alignment, order)
