@@ -5,7 +5,7 @@ orders (last, first, kl), as a markdown table for bench/RESULTS.md.
 and measured on stdlib_text.HELD_OUT_MODULES (disjoint, and neither in the
 fixture pair's training text).
 
-    python bench/eval_orders.py [--tokens 16384]
+    python bench/eval_orders.py [--tokens 16384] [--fixtures fixtures]
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens to measure")
+    parser.add_argument("--fixtures", type=Path, default=FIXTURES, help="folder holding tiny-teacher and tiny-student")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    job = open_job(str(FIXTURES / "tiny-teacher"), str(FIXTURES / "tiny-student"), [])
+    job = open_job(str(args.fixtures / "tiny-teacher"), str(args.fixtures / "tiny-student"), [])
     with tempfile.TemporaryDirectory() as tmp:
         calib = write_documents(Path(tmp) / "calibration.jsonl", CALIBRATION_MODULES)
         held_out = write_documents(Path(tmp) / "held-out.jsonl", HELD_OUT_MODULES)

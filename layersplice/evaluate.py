@@ -55,8 +55,6 @@ def load_tokenizer(directory: Path):
 
 def load_text(path: Path, tokenizer, seq_len: int, max_tokens: int | None, text_field: str = "text") -> EvalText:
     """The first `max_tokens` tokens of a .txt/.jsonl/.parquet file or folder, documents joined by EOS."""
-    if seq_len < 2:
-        raise LayerspliceError(f"--seq-len must be at least 2, got {seq_len}")
     corpus = open_corpus(DataSpec(files=(path,), text_field=text_field, seq_len=seq_len))
     tokens: list[int] = []
     for document in token_documents(corpus, eos_tokenizer(tokenizer), 0):
@@ -113,6 +111,11 @@ class SizeResult:
         return None if self.naive_perplexity is None else self.naive_perplexity - self.perplexity
 
 
+def by_size(size: tuple[int | None, Plan]) -> tuple[int, int]:
+    """Layers, then parameters: a spliced head of its own can give a model more parameters than the tied teacher."""
+    return size[1].n_layers, size[1].params
+
+
 def role_of(plan: Plan, n_student: int) -> str:
     if not plan.patched:
         return STUDENT_ROLE
@@ -129,9 +132,9 @@ def evaluate_sizes(
     device: torch.device,
     on_size: Callable[[str], None] | None = None,
 ) -> list[SizeResult]:
-    """Perplexity of each (keep, plan), smallest model first; each model is released before the next."""
+    """Perplexity of each (keep, plan), fewest layers first; each model is released before the next."""
     results = []
-    for keep, plan in sorted(sizes, key=lambda size: size[1].params):
+    for keep, plan in sorted(sizes, key=by_size):
         if on_size:
             on_size(f"{plan.n_layers} layers")
         role = role_of(plan, n_student)
@@ -212,7 +215,9 @@ def evaluate_family(job: Job, order: Order, request: EvalRequest, on_size=None) 
 def built_model_loader(directory: Path, sizes: list[tuple[int | None, Plan]], dtype: torch.dtype, device: torch.device):
     """A model_for that reads each size from a `build --all` output (checked against its manifest)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     manifest, problem = read_sealed(directory / MANIFEST_FILE)
     if problem:
         raise LayerspliceError(f"--models {directory}: {problem}; give the output of `layersplice build --all`")

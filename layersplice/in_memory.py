@@ -16,7 +16,7 @@ from safetensors import safe_open
 from layersplice.configs import spliced_config, transformers_config
 from layersplice.errors import ArchitectureError, LayerspliceError
 from layersplice.job import Job
-from layersplice.plan import TEACHER, Plan, make_plan, pruned_teacher_plan
+from layersplice.plan import Plan, make_plan, pruned_teacher_plan
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
@@ -74,13 +74,6 @@ class LoadedPair:
         config, _ = spliced_config(self.job.layouts, plan, self.job.configs, self.job.cast)
         state = {t.name: self.tensors(t.model)[t.source.name] for t in plan.tensors}
         return model_from_state(config, state, self.device)
-
-    @property
-    def teacher_model(self):
-        return self.splice(frozenset(range(self.job.pair.alignment.n_student)))
-
-    def tokenizer_directory(self):
-        return self.job.checkpoint(TEACHER).directory
 
 
 def model_from_state(config: dict, state: dict[str, torch.Tensor], device: torch.device):

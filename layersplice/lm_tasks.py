@@ -12,7 +12,7 @@ from pathlib import Path
 
 from layersplice.blocks import Order
 from layersplice.errors import LayerspliceError
-from layersplice.evaluate import EvalRequest, FamilyModels, family_models, load_tokenizer, role_of
+from layersplice.evaluate import EvalRequest, FamilyModels, by_size, family_models, load_tokenizer, role_of
 from layersplice.job import Job
 
 # The harness reports "metric,filter" keys (e.g. "acc,none") beside bookkeeping such as sample_len.
@@ -80,7 +80,7 @@ def evaluate_tasks(job: Job, order: Order, request: EvalRequest, tasks: list[str
     family: FamilyModels = family_models(job, order, request)
     tokenizer = load_tokenizer(job.teacher.directory)
     results = []
-    for keep, plan in sorted(family.sizes, key=lambda size: size[1].params):
+    for keep, plan in sorted(family.sizes, key=by_size):
         if on_size:
             on_size(f"{plan.n_layers} layers: {', '.join(tasks)}")
         scores = run_tasks(family.model_for(plan), tokenizer, tasks, manager, request.batch_size, limit)
