@@ -21,13 +21,15 @@ Each scenario times, alternately and --repeat times, in fresh processes:
   durable     `layersplice build` as shipped (fsync of every file before the
               rename)  vs  `cp -r` of its output followed by `sync` of every
               copied file
-  page cache  the same CLI with the fsync calls made no-ops (nothing else
-              changes)  vs  plain `cp -r`
-Sources are read once beforehand (warm page cache); the output copied by cp is
-read just before each cp (warm too). Dirty pages of earlier steps are flushed
+  page cache  the same CLI with its durability work made no-ops (early
+              writeback and fsync; nothing else changes)  vs  plain `cp -r`
+Before every timed command its input is read through (warm page cache: the
+build's teacher and student, cp's source), and the other pairs are evicted
+from the page cache so that writes find free memory on both sides alike. Dirty pages of earlier steps are flushed
 with `sync` before every timed command. Wall time is taken around the process;
-peak RSS is ru_maxrss from /usr/bin/time (the child alone, not this script).
-Ratios are medians of one run.
+peak RSS is ru_maxrss and CPU time user + system from /usr/bin/time (the
+command alone, not this script). Ratios are of medians, from one run; the CPU
+times are printed because other jobs on a shared machine move wall times.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import LlamaShape, file_bytes, read_through, write_pair  # noqa: E402
+from synthetic import LlamaShape, evict, file_bytes, read_through, write_pair  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 CACHE = BENCH / ".cache"
@@ -61,9 +63,10 @@ SCENARIOS = {  # name: (pair, build arguments, ratio target)
     "cast": ("fp32", ["--layers", "11", "--dtype", "bf16"], 1.5),
 }
 RSS_LIMIT_MIB, RSS_GROWTH_MIB = 150, 20
-NO_FSYNC = (
-    "import layersplice.checkpoint.atomic as atomic\n"
+NO_FSYNC = (  # the CLI with its durability work (early writeback, fsync) made no-ops
+    "import layersplice.checkpoint.atomic as atomic, layersplice.checkpoint.writer as writer\n"
     "atomic.fsync_tree = atomic._fsync_dir = lambda path: None\n"
+    "writer.start_writeback = lambda fd, offset, length: None\n"
     "from layersplice.cli import main\n"
     "main()\n"
 )
@@ -72,6 +75,7 @@ NO_FSYNC = (
 @dataclass(frozen=True)
 class Run:
     wall: float
+    cpu: float  # user + system seconds of the command and its children
     peak_mib: float
 
 
@@ -92,13 +96,14 @@ def measure(command: list[str]) -> Run:
     os.sync()
     with tempfile.NamedTemporaryFile("r") as report, tempfile.TemporaryFile() as errors:
         start = time.perf_counter()
-        done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", report.name, *command],
+        done = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", report.name, *command],
                               stdout=subprocess.DEVNULL, stderr=errors)
         wall = time.perf_counter() - start
         if done.returncode != 0:
             errors.seek(0)
             raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{errors.read().decode()[-3000:]}")
-        return Run(wall, int(report.read().split()[-1]) / 1024)
+        user, system, peak_kib = report.read().split()[-3:]
+        return Run(wall, float(user) + float(system), int(peak_kib) / 1024)
 
 
 def cp(source: Path, target: Path, durable: bool) -> list[str]:
@@ -109,26 +114,29 @@ def cp(source: Path, target: Path, durable: bool) -> list[str]:
 def scenario(name: str, repeat: int, work: Path) -> dict:
     pair, options, target = SCENARIOS[name]
     teacher, student = ensure_pair(pair)
-    read_through(teacher), read_through(student)
+    for other in CACHE.iterdir():  # keep memory free: the page cache holds this pair only
+        if other.is_dir() and other.name != pair:
+            evict(other)
     out, copy = work / name, work / f"{name}-cp"
     args = ["build", "--teacher", str(teacher), "--student", str(student), *options, "--out", str(out)]
     runs: dict[str, list[Run]] = {"durable": [], "cp+sync": [], "no-fsync": [], "cp": []}
     for _ in range(repeat):
-        for label, command, source_of_cp in (
+        for label, command, source in (
             ("durable", [sys.executable, "-m", "layersplice", *args], None),
             ("cp+sync", cp(out, copy, durable=True), out),
             ("no-fsync", [sys.executable, "-c", NO_FSYNC, *args], None),
             ("cp", cp(out, copy, durable=False), out),
         ):
-            shutil.rmtree(out if source_of_cp is None else copy, ignore_errors=True)
-            if source_of_cp is not None:
-                read_through(source_of_cp)
+            shutil.rmtree(out if source is None else copy, ignore_errors=True)
+            for warm in (teacher, student) if source is None else (source,):
+                read_through(warm)
             runs[label].append(measure(command))
     size = file_bytes(out)
     shutil.rmtree(out, ignore_errors=True), shutil.rmtree(copy, ignore_errors=True)
     med = {label: statistics.median(r.wall for r in values) for label, values in runs.items()}
+    cpu = {label: statistics.median(r.cpu for r in values) for label, values in runs.items()}
     result = {
-        "name": name, "bytes": size, "target": target, "median": med,
+        "name": name, "bytes": size, "target": target, "median": med, "cpu": cpu,
         "ratio_durable": med["durable"] / med["cp+sync"], "ratio_page_cache": med["no-fsync"] / med["cp"],
         "rss_mib": max(r.peak_mib for r in runs["durable"] + runs["no-fsync"]),
         "cp_rss_mib": max(r.peak_mib for r in runs["cp"] + runs["cp+sync"]),
@@ -138,7 +146,7 @@ def scenario(name: str, repeat: int, work: Path) -> dict:
         f"{name:6} {size / 1e9:5.2f} GB | durable: build {med['durable']:6.2f} s, cp+sync {med['cp+sync']:6.2f} s,"
         f" ratio {result['ratio_durable']:.2f} | page cache: build {med['no-fsync']:5.2f} s, cp {med['cp']:5.2f} s,"
         f" ratio {result['ratio_page_cache']:.2f} | peak RSS build {result['rss_mib']:.0f} MiB, cp {result['cp_rss_mib']:.0f} MiB"
-        f" | all walls {result['walls']}",
+        f" | CPU s (user+sys) {', '.join(f'{k} {v:.2f}' for k, v in cpu.items())} | all walls {result['walls']}",
         flush=True,
     )
     return result

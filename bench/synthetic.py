@@ -152,7 +152,19 @@ def read_through(directory: Path) -> None:
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
-                while os.read(fd, 64 << 20):
+                while os.read(fd, 8 << 20):
                     pass
+            finally:
+                os.close(fd)
+
+
+def evict(directory: Path) -> None:
+    """Drop every file's pages from the page cache (after writing them back)."""
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)

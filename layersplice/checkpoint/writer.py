@@ -4,9 +4,10 @@ kernel-side copies of coalesced ranges, or a chunked cast where a dtype changes.
 No Python or torch object is made per tensor byte: copies run in the kernel
 (copy_file_range, else sendfile, else 64 MiB buffered reads), casts stream
 one chunk at a time, and a thread hashes the output as it is written
-(checkpoint/digest.py). Memory stays bounded by a few buffers whatever the
-model size. Files are not fsynced here: the atomic output directory syncs
-everything once before its rename.
+(checkpoint/digest.py) and then asks the kernel to start writing that range to
+disk. Memory stays bounded by a few buffers whatever the model size. Files are
+not fsynced here: the atomic output directory syncs everything once before
+its rename.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
+from layersplice.checkpoint.atomic import start_writeback
 from layersplice.checkpoint.digest import TrailingDigest
 from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, TensorInfo, encode_header
 
@@ -142,7 +144,7 @@ def _write_file(path: Path, items: Sequence[WriteItem], sources: SourceFiles, pr
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     digest = None
     try:
-        digest = TrailingDigest(path)
+        digest = TrailingDigest(path, then=start_writeback)
         _pwrite_all(fd, header, 0)
         offset = len(header)
         digest.written(offset)
