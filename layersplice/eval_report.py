@@ -29,6 +29,7 @@ def size_row(result: SizeResult) -> dict:
         "perplexity": result.perplexity,
         "tokens": result.tokens,
         "naive_perplexity": result.naive_perplexity,
+        "naive_parameters": result.naive_parameters,
         "margin_vs_naive": result.margin,
     }
 
@@ -39,9 +40,10 @@ def write_perplexity_report(out: Path, results: list[SizeResult], meta: dict) ->
     paths = dict(zip(("json", "csv", "png"), (out / name for name in PERPLEXITY_FILES)))
     write_json(paths["json"], {**meta, "sizes": rows})
     write_csv(paths["csv"], rows)
-    curves = [Curve("boomerang interpolation", [r.parameters for r in results], [r.perplexity for r in results])]
+    curves = [Curve("boomerang interpolation", [r.parameters for r in results], [r.perplexity for r in results],
+                    point_labels=[f"{r.layers}L" for r in results])]
     if all(r.naive_perplexity is not None for r in results):
-        curves.append(Curve("naive layer dropping (no distillation)", [r.parameters for r in results],
+        curves.append(Curve("naive layer dropping (no distillation)", [r.naive_parameters for r in results],
                             [r.naive_perplexity for r in results], "--"))
     student, teacher = _ends(results)
     plot_family(paths["png"], curves, (student.parameters, student.perplexity), (teacher.parameters, teacher.perplexity),

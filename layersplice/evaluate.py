@@ -104,6 +104,7 @@ class SizeResult:
     perplexity: float
     tokens: int
     naive_perplexity: float | None = None
+    naive_parameters: int | None = None  # the teacher's tied head stays tied when no student part joins it
 
     @property
     def margin(self) -> float | None:
@@ -139,12 +140,15 @@ def evaluate_sizes(
             on_size(f"{plan.n_layers} layers")
         role = role_of(plan, n_student)
         perplexity, count = _perplexity(model_for(plan), text, batch_size, device)
-        naive = None
-        if naive_for is not None:
-            # With every block patched, dropping no layer is the teacher itself.
-            naive = perplexity if role == TEACHER_ROLE else _perplexity(naive_for(plan), text, batch_size, device)[0]
+        naive = naive_params = None
+        if naive_for is not None and role == TEACHER_ROLE:
+            naive, naive_params = perplexity, plan.params  # dropping no layer is the teacher itself
+        elif naive_for is not None:
+            model = naive_for(plan)
+            naive, naive_params = _perplexity(model, text, batch_size, device)[0], model.num_parameters()
         results.append(SizeResult(
-            role, plan.n_layers, plan.params, plan.nbytes, keep, plan.teacher_blocks, perplexity, count, naive,
+            role, plan.n_layers, plan.params, plan.nbytes, keep, plan.teacher_blocks, perplexity, count,
+            naive, naive_params,
         ))
     return results
 

@@ -15,6 +15,7 @@ class Curve:
     parameters: list[int]
     values: list[float]
     style: str = "-"
+    point_labels: list[str] | None = None  # e.g. each size's layer count
 
 
 def plot_family(path: Path, curves: list[Curve], student: tuple[int, float], teacher: tuple[int, float],
@@ -30,7 +31,10 @@ def plot_family(path: Path, curves: list[Curve], student: tuple[int, float], tea
     axes = figure.add_subplot()
     scale, unit = _scale(teacher[0])
     for curve in curves:
-        axes.plot([p / scale for p in curve.parameters], curve.values, curve.style, marker="o", label=curve.label)
+        xs = [p / scale for p in curve.parameters]
+        axes.plot(xs, curve.values, curve.style, marker="o", label=curve.label)
+        for x, y, text in zip(xs, curve.values, curve.point_labels or []):
+            axes.annotate(text, (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8, color="dimgray")
     for (params, value), name, marker in ((student, "student", "s"), (teacher, "teacher", "*")):
         axes.plot([params / scale], [value], marker, markersize=14, color="black", fillstyle="none")
         axes.annotate(f"{name}\n{value:.4g}", (params / scale, value), textcoords="offset points",

@@ -89,6 +89,7 @@ def test_eval_writes_table_json_csv_and_a_png_with_the_naive_baseline(eval_pair,
     for size in report["sizes"]:
         assert size["perplexity"] > 1 and size["naive_perplexity"] > 1
         assert size["margin_vs_naive"] == pytest.approx(size["naive_perplexity"] - size["perplexity"])
+        assert size["naive_parameters"] == size["parameters"]  # untied: same tensors, other weights
     assert report["sizes"][-1]["naive_perplexity"] == report["sizes"][-1]["perplexity"]  # naive teacher = teacher
     assert report["data"]["tokens"] == 1500 and report["baseline"] == "naive" and report["order"] == {"order": "last"}
     with (out / "eval.csv").open() as f:
