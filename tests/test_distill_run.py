@@ -110,17 +110,43 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(pair, tmp_path, mo
         assert torch.equal(final_whole[name], final_resumed[name]), name
 
 
-def test_torchrun_with_two_processes_follows_the_one_process_trajectory(pair, tmp_path):
-    common = ("--steps", "5", "--eval-every", "5", "--save-every", "0")
+DIE_AFTER_STEP_4 = """
+import sys
+from layersplice.distill import loop
+from layersplice.distill.command import distill_command
+
+save = loop.save_checkpoint
+
+def save_then_die(config, step, *rest):
+    save(config, step, *rest)
+    if step == 4:
+        sys.exit(3)
+
+loop.save_checkpoint = save_then_die
+distill_command()
+"""
+
+
+def torchrun(entry: list[str], argv: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *entry, *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_interrupted_and_resumed_follows_the_one_process_trajectory(pair, tmp_path):
+    common = ("--steps", "6", "--save-every", "2", "--eval-every", "3")
     single = tmp_path / "single"
     run(args(pair, single, *common, "--micro-batch-size", "4"))
 
     sharded = tmp_path / "sharded"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "layersplice.distill.command", *args(pair, sharded, *common)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    script = tmp_path / "die_after_step_4.py"
+    script.write_text(DIE_AFTER_STEP_4)
+    killed = torchrun([str(script)], args(pair, sharded, *common))
+    assert killed.returncode != 0 and not (sharded / "model.safetensors").exists(), killed.stderr[-3000:]
+    assert [p.name for p in (sharded / "checkpoints").iterdir()] == ["step-0000004.pt"]
+    resumed = torchrun(["-m", "layersplice.distill.command"], args(pair, sharded, *common, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     one, two = metrics(single), metrics(sharded)
     assert [r["step"] for r in one] == [r["step"] for r in two]
@@ -129,6 +155,7 @@ def test_torchrun_with_two_processes_follows_the_one_process_trajectory(pair, tm
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     weights_one, weights_two = load_file(single / "model.safetensors"), load_file(sharded / "model.safetensors")
+    assert weights_one.keys() == weights_two.keys()
     for name in weights_one:
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-5)
 

@@ -105,6 +105,18 @@ def load_checkpoint(config: DistillConfig, student, optimizer, scheduler, world:
     return {"step": small["step"], "data": small["data"]}
 
 
+def _tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that are another parameter (a tied head): gathered FSDP
+    state holds them as separate copies, which transformers would write twice."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            aliases.add(name)
+        seen.add(id(parameter))
+    return aliases
+
+
 def export_student(config: DistillConfig, student, stored_dtype: torch.dtype, world: World) -> None:
     """Collective: gather the weights; rank 0 writes an HF directory loadable by transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -118,7 +130,8 @@ def export_student(config: DistillConfig, student, stored_dtype: torch.dtype, wo
     # (tied heads, shards, index); the live model may be FSDP-wrapped.
     with torch.device("meta"):
         shell = AutoModelForCausalLM.from_config(model_config, dtype=stored_dtype)
-    shell.save_pretrained(config.out, state_dict=state)
+    aliases = _tied_aliases(shell)
+    shell.save_pretrained(config.out, state_dict={k: v for k, v in state.items() if k not in aliases})
     for name in (STUDENT_CONFIG_NAME, *SIDE_FILES):
         for home in (config.student, config.teacher):
             if (home / name).is_file():

@@ -15,12 +15,7 @@ import time
 import torch
 
 from layersplice.distill import parallel
-from layersplice.distill.checkpoints import (
-    export_student,
-    load_checkpoint,
-    check_out,
-    save_checkpoint,
-)
+from layersplice.distill.checkpoints import check_out, export_student, load_checkpoint, save_checkpoint
 from layersplice.distill.config import DistillConfig
 from layersplice.distill.data import Batch, DistillData, load_data
 from layersplice.distill.losses import LossTerms, distill_loss, weighted_total
