@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -86,6 +87,14 @@ def test_streamed_dataset_packs_its_split_offline(tmp_path, tokenizer, monkeypat
     assert len(data.val.ids) == 0
 
 
+def test_streamed_dataset_errors_name_the_fix(tmp_path, tokenizer, monkeypatch):
+    spec = _hub(tmp_path, monkeypatch)
+    with pytest.raises(DataError, match=r"Bad split: validation.*check the name, --dataset-config and --split"):
+        load_data(dataclasses.replace(spec, split="validation"), tokenizer, len(tokenizer))
+    with pytest.raises(DataError, match=r"row 1: no 'body' field \(found: text\); pass --text-field"):
+        load_data(dataclasses.replace(spec, text_field="body"), tokenizer, len(tokenizer))
+
+
 def test_validation_holds_the_first_documents_up_to_the_token_budget(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", DOCS)
     encode = eos_tokenizer(tokenizer)
@@ -142,10 +151,17 @@ def test_shuffled_windows_are_permutations_of_the_packed_blocks(tmp_path, tokeni
     assert _stream(tmp_path, tokenizer, seed=1).next_blocks(10).tolist() != two_windows
 
 
+def test_a_fresh_stream_state_restores_to_the_start(tmp_path, tokenizer):
+    fresh = _stream(tmp_path, tokenizer, seed=4)
+    restored = _stream(tmp_path, tokenizer, seed=4)
+    restored.load_state_dict(fresh.state_dict())
+    assert torch.equal(restored.next_blocks(7), fresh.next_blocks(7))
+
+
 def test_a_restored_stream_continues_exactly_across_windows_and_epochs(tmp_path, tokenizer):
     epoch = len(expected_blocks(tokenizer, FEW, val_docs=0))
     assert epoch % 5, "an epoch that ends inside a window is the harder case"
-    for taken in (0, 3, 5, 7, epoch - 1, epoch + 2):
+    for taken in (1, 3, 5, 7, epoch - 1, epoch + 2):
         uninterrupted = _stream(tmp_path, tokenizer, seed=4)
         uninterrupted.next_blocks(taken)
         state = json.loads(json.dumps(uninterrupted.state_dict()))

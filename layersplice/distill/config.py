@@ -19,6 +19,12 @@ class DataError(LayerspliceError):
     """The training text cannot be read as asked."""
 
 
+def first_line(error: BaseException) -> str:
+    """An underlying library error cut to one line, to quote inside our own."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """Where the text comes from and how it is cut into blocks."""

@@ -73,32 +73,35 @@ def token_documents(corpus: Corpus, tokenize: Tokenize, start: int) -> Iterator[
 
 def pack(
     corpus: Corpus, tokenize: Tokenize, seq_len: int, first_doc: int, start: StreamPosition
-) -> Iterator[tuple[list[int], StreamPosition]]:
-    """Full blocks from `start` on, each with the position right after it; endless."""
-    epoch, doc, offset = start.epoch, start.doc, start.offset
+) -> Iterator[tuple[torch.Tensor, StreamPosition]]:
+    """Full blocks from `start` on, each with the position right after it; endless.
+
+    An epoch runs over documents first_doc.. of the corpus; the tail that does
+    not fill a block is dropped and the next epoch starts at first_doc again.
+    """
+    position = start
     while True:
+        whole_epoch = position.doc == first_doc and position.offset == 0
         block: list[int] = []
         produced = False
-        for doc, tokens in enumerate(token_documents(corpus, tokenize, doc), doc):
+        documents = token_documents(corpus, tokenize, position.doc)
+        for doc, tokens in enumerate(documents, position.doc):
+            offset = position.offset if doc == position.doc else 0
             while offset < len(tokens):
                 taken = tokens[offset : offset + seq_len - len(block)]
                 block.extend(taken)
                 offset += len(taken)
                 if len(block) == seq_len:
                     produced = True
-                    after = StreamPosition(epoch, doc, offset)
-                    if offset == len(tokens):
-                        after = StreamPosition(epoch, doc + 1, 0)
-                    yield block, after
+                    after = (position.epoch, doc, offset) if offset < len(tokens) else (position.epoch, doc + 1, 0)
+                    yield torch.tensor(block, dtype=torch.long), StreamPosition(*after)
                     block = []
-            offset = 0
-        if not produced and start.doc == first_doc and start.offset == 0:
+        if whole_epoch and not produced:
             raise DataError(
                 f"the training data holds less than one --seq-len {seq_len} block after the "
                 "validation split; give more data or lower --seq-len / --val-tokens"
             )
-        epoch, doc, offset = epoch + 1, first_doc, 0
-        start = StreamPosition(epoch, doc, offset)
+        position = StreamPosition(position.epoch + 1, first_doc, 0)
 
 
 class TrainStream:
@@ -110,7 +113,7 @@ class TrainStream:
         self.window_index = -1  # no window loaded yet
         self.window_start = start
         self.taken = 0
-        self._order: list[list[int]] = []
+        self._order: list[torch.Tensor] = []
         self._blocks: Iterator | None = None
         self._next_start = start
 
@@ -122,7 +125,7 @@ class TrainStream:
                 self._load_window(self.window_index + 1, self._next_start, 0)
             rows.append(self._order[self.taken])
             self.taken += 1
-        return torch.tensor(rows, dtype=torch.long)
+        return torch.stack(rows)
 
     def _load_window(self, index: int, start: StreamPosition, taken: int) -> None:
         if self._blocks is None or start != self._next_start:
@@ -183,8 +186,6 @@ def load_data(spec: DataSpec, tokenizer, vocab_size: int) -> DistillData:
         val_ids = SyntheticStream(vocab_size, spec.seq_len, spec.seed, "val").next_blocks(blocks)
         val = Batch(val_ids, torch.ones_like(val_ids, dtype=torch.bool), padded=False)
         return DistillData(val, SyntheticStream(vocab_size, spec.seq_len, spec.seed, "train"))
-    if tokenizer is None:
-        raise DataError("the teacher directory has no tokenizer; use --synthetic-data or add one")
     corpus = open_corpus(spec)
     tokenize = eos_tokenizer(tokenizer)
     val_docs, val_tokens = hold_out(corpus, tokenize, spec)

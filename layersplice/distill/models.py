@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from layersplice.alignment import STUDENT_CONFIG_NAME, Alignment, read_student_config
-from layersplice.distill.config import DistillConfig, DistillError
+from layersplice.distill.config import DataError, DistillConfig, DistillError, first_line
 from layersplice.distill.losses import aligned_hidden_states
 from layersplice.distill.parallel import World, place
 from layersplice.errors import AlignmentError, CheckpointError
@@ -57,8 +57,11 @@ def _tokenizer(path: Path):
 
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as error:
+        raise DataError(
+            f"--teacher {path}: its tokenizer cannot be loaded ({first_line(error)}); the data is tokenized "
+            "with the teacher's tokenizer, so add its tokenizer files, or use --synthetic-data"
+        ) from None
 
 
 def load_models(config: DistillConfig, world: World) -> Models:

@@ -8,13 +8,14 @@ A .txt file is one document; a JSON line or a table row is one document.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layersplice.distill.config import DataError, DataSpec
+from layersplice.distill.config import DataError, DataSpec, first_line
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -25,7 +26,7 @@ ROWS_PER_READ = 1024
 
 def _import(module: str) -> Any:
     try:
-        return __import__(module, fromlist=["_"])
+        return importlib.import_module(module)
     except ImportError:
         raise DataError(
             f"reading this data needs the '{module}' package: pip install datasets"
@@ -169,9 +170,8 @@ class StreamedCorpus:
                 self.name, self.config_name, split=self.split, streaming=True
             )
         except (FileNotFoundError, ValueError, ConnectionError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise DataError(
-                f"--dataset {self.name} (split {self.split}) cannot be loaded: {first_line}; "
+                f"--dataset {self.name} (split {self.split}) cannot be loaded: {first_line(error)}; "
                 "check the name, --dataset-config and --split"
             ) from None
         for number, row in enumerate(rows.skip(start) if start else rows, start + 1):
