@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from layersplice.distill.config import DataSpec, DistillConfig
+from layersplice.distill.config import DEFAULT_VAL_TOKENS, DataSpec, DistillConfig
 from layersplice.distill.losses import LossWeights
 from layersplice.errors import LayerspliceError
 
@@ -43,7 +43,7 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.option("--seq-len", type=int, default=_default(DataSpec, "seq_len"), show_default=True)
 @click.option("--val-tokens", type=int,
               help="Hold out the first documents, up to this many tokens, for validation "
-                   "[default: 262144].")
+                   f"[default: {DEFAULT_VAL_TOKENS}].")
 @click.option("--val-fraction", type=float,
               help="Hold out this fraction of the documents instead (local data only).")
 @click.option("--shuffle-window", type=int, default=_default(DataSpec, "shuffle_window"),
