@@ -6,6 +6,7 @@ block ends at the teacher's layer count N (METHOD.md §2).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ class Alignment:
     def n_student(self) -> int:
         return len(self.copied)
 
-    @property
+    @functools.cached_property
     def blocks(self) -> tuple[tuple[int, int], ...]:
         """Teacher layer range [start, end) that each student layer stands for."""
         ends = self.copied[1:] + (self.n_teacher,)

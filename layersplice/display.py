@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from layersplice import __version__
 from layersplice.alignment import read_student_config
@@ -14,20 +15,18 @@ from layersplice.architectures.layout import Layout
 from layersplice.blocks import by_patch, keep_sequence, multi_layer_blocks
 from layersplice.checkpoint.source import Checkpoint
 from layersplice.job import Job
-from layersplice.plan import Plan, make_plan
+from layersplice.plan import PlanSize, SizeTable
 from layersplice.units import format_bytes, format_params
 
 
-def plan_rows(job: Job, order: str) -> list[tuple[int, Plan, int | None]]:
-    """(keep, plan, reference --patch k giving the same blocks or None) for every keep."""
+def plan_rows(job: Job, order: str) -> list[tuple[int, PlanSize, int | None]]:
+    """(keep, size, reference --patch k giving the same blocks or None) for every keep."""
     alignment = job.pair.alignment
     patch_of: dict[frozenset[int], int] = {}
     for k in range(multi_layer_blocks(alignment) + 1):
         patch_of.setdefault(by_patch(alignment, k, order), k)
-    return [
-        (keep, make_plan(job.pair, patched, job.cast), patch_of.get(patched))
-        for keep, patched in keep_sequence(alignment, order)
-    ]
+    table = SizeTable(job.pair, job.cast)
+    return [(keep, table.size(patched), patch_of.get(patched)) for keep, patched in keep_sequence(alignment, order)]
 
 
 def plan_json(job: Job, order: str, rows) -> dict:
@@ -64,14 +63,28 @@ def plan_table(console: Console, job: Job, order: str, rows) -> None:
     for column in ("--keep", "--patch", "layers", "parameters", "on disk", "teacher blocks (teacher layers)"):
         table.add_column(column, justify="right" if column != "teacher blocks (teacher layers)" else "left")
     for keep, plan, k in rows:
-        used = ", ".join(f"{b} ({_span(alignment.blocks[b])})" for b in plan.teacher_blocks) or "-"
-        table.add_row(str(keep), "" if k is None else str(k), str(plan.n_layers), format_params(plan.params), format_bytes(plan.nbytes), used)
+        used = ", ".join(_run(alignment, first, last) for first, last in _runs(plan.teacher_blocks)) or "-"
+        cells = (str(keep), "" if k is None else str(k), str(plan.n_layers), format_params(plan.params), format_bytes(plan.nbytes), used)
+        table.add_row(*map(Text, cells))  # plain Text: no markup parsing or highlighting of hundreds of rows
     console.print(table)
 
 
-def _span(block: tuple[int, int]) -> str:
-    start, end = block
-    return str(start) if end - start == 1 else f"{start}-{end - 1}"
+def _runs(blocks: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Sorted blocks as runs of consecutive ones, so a row stays short for thousands of layers."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and runs[-1][1] == b - 1:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((b, b))
+    return runs
+
+
+def _run(alignment, first: int, last: int) -> str:
+    """'3 (6-7)' for one block, '3-5 (6-10)' for a run: blocks, then teacher layers."""
+    start, end = alignment.blocks[first][0], alignment.blocks[last][1]
+    layers = str(start) if end - start == 1 else f"{start}-{end - 1}"
+    return f"{first if first == last else f'{first}-{last}'} ({layers})"
 
 
 def inspect_info(checkpoint: Checkpoint, layout: Layout) -> dict:

@@ -4,6 +4,7 @@ every output tensor with the byte range it comes from. Touches no weight."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from layersplice.alignment import Alignment
 from layersplice.architectures.layout import Layout
@@ -209,15 +210,98 @@ def _check_tensor(what: str, t: TensorInfo | _Spec, s: TensorInfo | _Spec, cast:
 
 def make_plan(pair: Pair, patched: frozenset[int], cast: str | None = None) -> Plan:
     """Every output tensor of the splice that patches `patched` blocks."""
-    last = pair.alignment.n_student - 1
     layers: list[OutputLayer] = []
-    for block, (start, end) in enumerate(pair.alignment.blocks):
-        sources = [(TEACHER, t) for t in range(start, end)] if block in patched else [(STUDENT, block)]
-        layers.extend(OutputLayer(len(layers), m, src, block) for m, src in sources)
+    for block in range(pair.alignment.n_student):
+        for model, source_layer in _block_sources(pair.alignment, block, block in patched):
+            layers.append(OutputLayer(len(layers), model, source_layer, block))
+    emb_from, head_from = _ends(pair.alignment, patched)
     layouts = {TEACHER: pair.teacher, STUDENT: pair.student}
-    emb_from = TEACHER if 0 in patched else STUDENT
-    head_from = TEACHER if last in patched else STUDENT
     return _assemble(layouts, layers, emb_from, head_from, frozenset(patched), cast)
+
+
+def _block_sources(alignment: Alignment, block: int, patched: bool) -> list[tuple[str, int]]:
+    """(model, source layer) of the output layers standing for one block: its
+    teacher layers when it is patched, else the student layer it was distilled into."""
+    start, end = alignment.blocks[block]
+    return [(TEACHER, t) for t in range(start, end)] if patched else [(STUDENT, block)]
+
+
+def _ends(alignment: Alignment, patched: frozenset[int]) -> tuple[str, str]:
+    """The models the embeddings and the final norm + head come from (METHOD.md §4)."""
+    emb_from = TEACHER if 0 in patched else STUDENT
+    head_from = TEACHER if alignment.n_student - 1 in patched else STUDENT
+    return emb_from, head_from
+
+
+@dataclass(frozen=True)
+class PlanSize:
+    """What `plan` shows of one splice, without its tensors."""
+
+    patched: frozenset[int]
+    n_layers: int
+    params: int
+    nbytes: int
+    embeddings_from: str
+    head_from: str
+
+    @property
+    def teacher_blocks(self) -> tuple[int, ...]:
+        return tuple(sorted(self.patched))
+
+
+class SizeTable:
+    """Parameters and bytes of any splice of a pair, summed from per-group totals.
+
+    A plan lists every tensor; `plan` shows every size of models with up to
+    thousands of layers, so it adds up the same groups _assemble writes (the
+    embeddings, each source layer in the output family's names, the head),
+    each totalled once.
+    """
+
+    def __init__(self, pair: Pair, cast: str | None = None) -> None:
+        self._pair, self._cast = pair, cast
+        self._layouts = {TEACHER: pair.teacher, STUDENT: pair.student}
+        self._rows = _rows(self._layouts)
+        self._totals: dict[tuple, tuple[int, int, int]] = {}
+        self._block_totals: dict[str, tuple[list, list]] = {}
+
+    def size(self, patched: frozenset[int]) -> PlanSize:
+        emb_from, head_from = _ends(self._pair.alignment, patched)
+        as_student, as_teacher = self._blocks(emb_from)
+        totals = [as_teacher[b] if b in patched else as_student[b] for b in range(len(as_student))]
+        totals.append(self._total(("embeddings", emb_from), lambda: _embedding_parts(self._layouts, emb_from)))
+        head = lambda: [p for _, p in _head_parts(self._layouts, emb_from, head_from, self._rows)]  # noqa: E731
+        totals.append(self._total(("head", emb_from, head_from), head))
+        n_layers, params, nbytes = map(sum, zip(*totals))
+        return PlanSize(frozenset(patched), n_layers, params, nbytes, emb_from, head_from)
+
+    def _blocks(self, emb_from: str) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+        """(layers, parameters, bytes) of each block left as the student's, and patched."""
+        if emb_from in self._block_totals:
+            return self._block_totals[emb_from]
+
+        def block(b: int, patched: bool) -> tuple[int, int, int]:
+            layers = [
+                self._total(("layer", model, index, emb_from),
+                            lambda: _layer_in(self._layouts, model, index, emb_from, self._rows).values())
+                for model, index in _block_sources(self._pair.alignment, b, patched)
+            ]
+            return tuple(map(sum, zip(*layers)))
+
+        blocks = range(self._pair.alignment.n_student)
+        self._block_totals[emb_from] = [block(b, False) for b in blocks], [block(b, True) for b in blocks]
+        return self._block_totals[emb_from]
+
+    def _total(self, key: tuple, group: Callable[[], Iterable[Parts]]) -> tuple[int, int, int]:
+        """(layers, parameters, bytes) of one group of tensors: a layer, or an end (0 layers)."""
+        if key not in self._totals:
+            numel = nbytes = 0
+            for parts in group():
+                count = sum(t.numel for t in parts)
+                numel += count
+                nbytes += count * DTYPE_SIZES[_output_dtype(parts[0].dtype, self._cast)]
+            self._totals[key] = (int(key[0] == "layer"), numel, nbytes)
+        return self._totals[key]
 
 
 def student_init_plan(teacher: Layout, alignment: Alignment, cast: str | None = None) -> Plan:
@@ -242,24 +326,35 @@ def _assemble(
 ) -> Plan:
     """Every tensor under the names of the output family: the family of the embeddings' model."""
     def planned(name: str, parts: Parts, model: str) -> PlannedTensor:
-        dtype = cast if cast and parts[0].dtype in FLOAT_DTYPES else parts[0].dtype
-        return PlannedTensor(name, parts[0], model, dtype, parts[1:])
+        return PlannedTensor(name, parts[0], model, _output_dtype(parts[0].dtype, cast), parts[1:])
 
     out, rows = layouts[emb_from], _rows(layouts)
-    tensors = [planned(t.name, (t,), emb_from) for t in out.embeddings]
+    tensors = [planned(parts[0].name, parts, emb_from) for parts in _embedding_parts(layouts, emb_from)]
     for layer in layers:
         tensors += [
             planned(out.layer_name(layer.index, suffix), parts, layer.model)
             for suffix, parts in _layer_in(layouts, layer.model, layer.source_layer, emb_from, rows).items()
         ]
-    if emb_from == head_from:
-        tensors += [planned(t.name, (t,), head_from) for t in out.head]
-    else:
-        # The head's model is not the embeddings' model: spell out its ties (the tied
-        # matrix is not the one we write) and name it as the output family does.
-        tensors += [planned(name, parts, head_from) for name, parts in _head_in(layouts, head_from, emb_from, rows).items()]
+    tensors += [planned(name, parts, head_from) for name, parts in _head_parts(layouts, emb_from, head_from, rows)]
     tied = out.tied and emb_from == head_from
     return Plan(patched, tuple(layers), tuple(tensors), emb_from, head_from, tied)
+
+
+def _output_dtype(dtype: str, cast: str | None) -> str:
+    return cast if cast and dtype in FLOAT_DTYPES else dtype
+
+
+def _embedding_parts(layouts: dict[str, Layout], emb_from: str) -> list[Parts]:
+    return [(t,) for t in layouts[emb_from].embeddings]
+
+
+def _head_parts(layouts: dict[str, Layout], emb_from: str, head_from: str, rows: dict[str, int]) -> list[tuple[str, Parts]]:
+    """(name, parts) of the final norm and head, named as the output family names them."""
+    if emb_from == head_from:
+        return [(t.name, (t,)) for t in layouts[head_from].head]
+    # The head's model is not the embeddings' model: spell out its ties (the tied
+    # matrix is not the one we write) and name it as the output family does.
+    return list(_head_in(layouts, head_from, emb_from, rows).items())
 
 
 def _layer_in(layouts: dict[str, Layout], model: str, index: int, out: str, rows: dict[str, int]) -> dict[str, Parts]:
