@@ -47,7 +47,7 @@ def eval_command(sources: Sources, data, sizes, baseline, models_dir, out, name,
 
     \b
     Examples:
-      layersplice eval --recipe recipes/tiny.yaml --data fixtures/held-out.txt --baseline naive
+      layersplice eval --recipe recipes/tiny.yaml --data held-out.jsonl --baseline naive
       layersplice eval --teacher T --student S --data wiki.jsonl --sizes 8,4,0 --out evals/
       layersplice eval --recipe recipes/tiny.yaml --tasks my_mc --include-path tasks/
     """

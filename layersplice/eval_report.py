@@ -83,10 +83,11 @@ def interpolation_summary(results: list[SizeResult]) -> list[str]:
     student, teacher = _ends(results)
     middle = [r for r in results if r.role == INTERPOLATED_ROLE]
     values = [r.perplexity for r in results]
+    low, high = sorted((student.perplexity, teacher.perplexity))
     lines = [
         f"student {student.perplexity:.3f} -> teacher {teacher.perplexity:.3f} perplexity; "
-        f"{len(middle)} interpolated sizes in between",
-        "perplexity falls as size grows: " + ("yes" if all(a >= b for a, b in zip(values, values[1:])) else "no"),
+        f"{sum(low < r.perplexity < high for r in middle)}/{len(middle)} interpolated sizes lie between them",
+        "perplexity falls as size grows: " + ("yes" if all(a > b for a, b in zip(values, values[1:])) else "no"),
     ]
     margins = [r.margin for r in middle if r.margin is not None]
     if margins:

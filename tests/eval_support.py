@@ -83,10 +83,3 @@ def one_torch_thread():
     yield
     torch.set_num_threads(before)
 
-
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-FIXTURE_TEACHER, FIXTURE_STUDENT = FIXTURES / "tiny-teacher", FIXTURES / "tiny-student"
-requires_fixture_pair = pytest.mark.skipif(
-    not (FIXTURE_TEACHER.is_dir() and FIXTURE_STUDENT.is_dir()),
-    reason="the trained fixture pair is missing: run python fixtures/make_tiny_pair.py",
-)

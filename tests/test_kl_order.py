@@ -8,14 +8,13 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from eval_support import FIXTURE_STUDENT, FIXTURE_TEACHER, eval_pair, one_torch_thread, requires_fixture_pair  # noqa: F401
+from eval_support import eval_pair, one_torch_thread  # noqa: F401 - fixtures
 
 from layersplice.cli import cli
 from layersplice.evaluate import load_text, load_tokenizer
 from layersplice.in_memory import LoadedPair
 from layersplice.job import open_job
 from layersplice.kl_order import budget_mean_kl, choose_kl_order, kl_to_teacher
-from layersplice.stdlib_text import CALIBRATION_MODULES, write_documents
 
 CPU = torch.device("cpu")
 ORDERS = ("greedy", "first", "last")
@@ -97,12 +96,3 @@ def test_kl_order_input_errors_are_one_line(calibration, tmp_path, options, mess
     result = CliRunner().invoke(cli, ["plan", *pair.args(), *filled])
     assert result.exit_code == 2 and message in result.output, result.output
 
-
-@requires_fixture_pair
-def test_on_the_fixture_pair_kl_is_never_worse_than_first_or_last_on_the_calibration_text(tmp_path):
-    loaded = LoadedPair(open_job(str(FIXTURE_TEACHER), str(FIXTURE_STUDENT), []), CPU, torch.float32)
-    calibration = write_documents(tmp_path / "calibration.jsonl", CALIBRATION_MODULES)
-    text = load_text(calibration, load_tokenizer(FIXTURE_TEACHER), seq_len=128, max_tokens=4096)
-    chosen = choose_kl_order(loaded, text)
-    print("mean KL over parameter budgets:", chosen.budget_kl, "chosen:", chosen.chosen_from, list(chosen.blocks))
-    assert chosen.budget_kl[chosen.chosen_from] <= min(chosen.budget_kl["first"], chosen.budget_kl["last"])
