@@ -1,8 +1,8 @@
 """Write safetensors shards by copying source byte ranges: the header first, then
 kernel-side copies of coalesced ranges, or a chunked cast where a dtype changes.
 
-No Python or torch object is made per tensor byte: copies run in the kernel
-(copy_file_range, else sendfile, else 64 MiB buffered reads), casts stream
+Tensor bytes never become Python or torch objects: copies run in the kernel
+(copy_file_range, else sendfile, else 16 MiB buffered reads), casts stream
 one chunk at a time, and a thread hashes the output as it is written
 (checkpoint/digest.py) and then asks the kernel to start writing that range to
 disk. Memory stays bounded by a few buffers whatever the model size. Files are
@@ -28,7 +28,7 @@ from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, TensorInfo, e
 FORMAT_METADATA = {"format": "pt"}
 # Bytes per kernel copy call, and so how closely the checksum thread follows.
 COPY_CHUNK = 64 << 20
-BUFFERED_CHUNK = 64 << 20
+BUFFERED_CHUNK = 16 << 20
 CAST_WORKERS = 2  # threads that read, convert and write cast chunks (numpy and I/O release the GIL)
 # Errors by which a kernel copy says it cannot copy between these two files.
 UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}
