@@ -57,13 +57,19 @@ def cross_entropy_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tens
     return masked_mean(per_token, (mask[:, :-1] & mask[:, 1:]).flatten())
 
 
+def _softened(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    # At T = 1 (the default) skip a pass over a batch x sequence x vocabulary tensor.
+    logits = logits.float()
+    return logits if temperature == 1 else logits / temperature
+
+
 def kl_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """KL(teacher || student) of the softened distributions, summed over the vocabulary
     and averaged over real tokens ("batchmean" per token, padding left out)."""
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student_log_probs = F.log_softmax(_softened(student_logits, temperature), dim=-1)
+    teacher_log_probs = F.log_softmax(_softened(teacher_logits, temperature), dim=-1)
     per_token = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
     return masked_mean(per_token.sum(-1), mask)
 

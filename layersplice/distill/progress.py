@@ -32,6 +32,9 @@ class RunLog:
             TextColumn("eta"),
             TimeRemainingColumn(),
             disable=not enabled,
+            # Redrawn once a step from the loop: a refresh thread would compete
+            # with the compute threads for the cores.
+            auto_refresh=False,
         )
         self.task = self.progress.add_task("distill", total=steps, completed=start_step, terms="")
         if enabled:
@@ -62,7 +65,7 @@ class RunLog:
                 f"loss {values['loss']:.4f} ce {values['ce']:.4f} kl {values['kl']:.4f} "
                 f"cos {values['cos']:.4f} {values['tokens_per_s']:,.0f} tok/s"
             )
-            self.progress.update(self.task, completed=values["step"], terms=terms)
+            self.progress.update(self.task, completed=values["step"], terms=terms, refresh=True)
         else:
             self.progress.console.print(
                 f"step {values['step']}: val loss {values['val_loss']:.4f} ce {values['val_ce']:.4f}"
