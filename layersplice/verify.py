@@ -67,7 +67,7 @@ def check_files(directory: Path, recorded: dict, where: str) -> tuple[int, int]:
         if algo not in HASHERS:
             raise VerifyError(f"{where}: unknown checksum kind {algo!r} for {name}")
         size = path.stat().st_size
-        if isinstance(entry, dict) and entry.get("size") not in (None, size):
+        if entry.get("size") != size:
             raise VerifyError(f"{path}: {size} bytes but {where} records {entry['size']}")
         if HASHERS[algo](path) != digest:
             raise VerifyError(f"{path}: {algo} does not match {where}; the file is corrupted")
@@ -76,13 +76,10 @@ def check_files(directory: Path, recorded: dict, where: str) -> tuple[int, int]:
 
 
 def _recorded_digest(entry) -> tuple[str, str]:
-    if isinstance(entry, str):
-        algo, _, digest = entry.rpartition(":")
-        return algo or "sha256", digest
     for algo in HASHERS:
-        if algo in entry:
+        if isinstance(entry, dict) and isinstance(entry.get(algo), str):
             return algo, entry[algo]
-    raise VerifyError(f"no checksum recorded in {entry!r}")
+    raise VerifyError(f"no known checksum recorded in {entry!r}")
 
 
 def check_model_dir(directory: Path, against_sources: bool = False) -> tuple[int, int]:
