@@ -77,6 +77,7 @@ def load_models(config: DistillConfig, world: World) -> Models:
             f"--student {config.student}: no {STUDENT_CONFIG_NAME}; make the student with "
             "`layersplice init-student`, which writes it"
         )
+    tokenizer = None if config.data.synthetic else _tokenizer(config.teacher)  # fails fast, before the weights
     teacher_dtype = torch.bfloat16 if world.device.type == "cuda" else torch.float32
     teacher = _load(config.teacher, teacher_dtype).eval().requires_grad_(False)
     student = _load(config.student, torch.float32).train()
@@ -87,7 +88,7 @@ def load_models(config: DistillConfig, world: World) -> Models:
         teacher=place(teacher, world),
         student=place(student, world),
         alignment=alignment,
-        tokenizer=None if config.data.synthetic else _tokenizer(config.teacher),
+        tokenizer=tokenizer,
         stored_dtype=_stored_dtype(config.student),
         student_indices=[s for s, _ in pairs],
         teacher_indices=[t for _, t in pairs],
