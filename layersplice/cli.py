@@ -56,7 +56,7 @@ class LayerspliceGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
-            err_console.print("interrupted; nothing was left at the output path")
+            err_console.print("interrupted")
             ctx.exit(130)
         except Exception as exc:  # noqa: BLE001 - the one place internal errors are reported
             if debug:
