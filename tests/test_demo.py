@@ -1,9 +1,8 @@
 """`layersplice demo` and what it must show on the trained fixture pair: every
 interpolated size between student and teacher, perplexity falling with size,
 and the distilled interpolation beating naive layer dropping at every
-intermediate size. The demo patches blocks in the --order kl order; with the
-recipe's order last the fixture pair shows neither of the first two (see the
-orders section of bench/RESULTS.md)."""
+intermediate size. The demo patches blocks in the --order kl order (bench/RESULTS.md,
+orders, compares it with last and first)."""
 
 from __future__ import annotations
 
