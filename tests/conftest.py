@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import traceback
 import zlib
@@ -218,11 +219,12 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: streams a checkpoint of hundreds of MB (about a minute)")
 
 
-# Property tests: seconds by default; `--hypothesis-profile=fuzz` for the long run.
+# Property tests: seconds by default; `--hypothesis-profile=fuzz` for the long run
+# (FUZZ_EXAMPLES examples per test, 100,000 unless set).
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("default", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("fuzz", max_examples=100_000, deadline=None, suppress_health_check=list(HealthCheck))
+settings.register_profile("fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "100000")), deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile("default")
 
 
