@@ -120,16 +120,17 @@ def all_plans(job: Job, order: Order) -> list[tuple[int | None, Plan]]:
 def build_all(
     job: Job, order: Order, out: Path, name: str, shard_size: int, force: bool,
     progress: ProgressFn | None = None, on_size: Callable[[str, Plan, bool], None] | None = None,
-    order_record: dict | None = None,
+    order_record: dict | None = None, plans: list[tuple[int | None, Plan]] | None = None,
 ) -> list[Built]:
     """Every size into out/<name>-<layers>L/ plus out/manifest.json.
 
-    A run that was killed leaves its finished sizes in a hidden temporary; the
-    next run adopts it and keeps each size whose files still verify.
+    `plans` are all_plans(job, order) when the caller has them already. A run
+    that was killed leaves its finished sizes in a hidden temporary; the next
+    run adopts it and keeps each size whose files still verify.
     """
     built = []
     with atomic_directory(out, force, adopt=True) as tmp, SourceFiles() as sources:
-        for keep, plan in all_plans(job, order):
+        for keep, plan in plans if plans is not None else all_plans(job, order):
             sub = size_name(name, plan)
             choice = {"layers": plan.n_layers, "keep": keep, **(order_record or {"order": order})}
             files = _verified_files(job, plan, choice, tmp / sub)

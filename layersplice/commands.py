@@ -63,11 +63,12 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
         if any(v is not None for v in (keep, patch, layers, blocks, params, max_bytes)):
             raise LayerspliceError("--all writes every size; drop --keep/--patch/--layers/--blocks/--params/--max-bytes")
         target = out or (Path("out") / name)
-        total = sum(plan.nbytes for _, plan in all_plans(job, sources.order))
+        plans = all_plans(job, sources.order)
         with _progress() as progress:
-            task = progress.add_task("writing all sizes", total=total)
+            task = progress.add_task("writing all sizes", total=sum(plan.nbytes for _, plan in plans))
             built = build_all(
                 job, sources.order, target, name, sources.shard_size, force, order_record=sources.order_record,
+                plans=plans,
                 progress=lambda n: progress.advance(task, n),
                 on_size=lambda sub, plan, kept: progress.update(
                     task, description=f"{'kept verified' if kept else 'writing'} {sub}"),
