@@ -13,13 +13,12 @@ from collections.abc import Iterator
 import torch
 from safetensors import safe_open
 
+from layersplice.checkpoint.safetensors_format import FLOAT_DTYPES
+from layersplice.checkpoint.torch_dtypes import TORCH_DTYPES
 from layersplice.configs import spliced_config, transformers_config
 from layersplice.errors import ArchitectureError, LayerspliceError
 from layersplice.job import Job
 from layersplice.plan import Plan, make_plan, pruned_teacher_plan
-
-TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-
 
 def pick_device(name: str) -> torch.device:
     """'auto' is the GPU when there is one, else the CPU."""
@@ -36,7 +35,7 @@ def compute_dtype(job: Job, device: torch.device) -> torch.dtype:
         return TORCH_DTYPES[job.cast]
     if device.type == "cpu":
         return torch.float32
-    stored = {t.dtype for t in job.teacher.tensors.values()} & set(TORCH_DTYPES)
+    stored = {t.dtype for t in job.teacher.tensors.values()} & FLOAT_DTYPES
     return TORCH_DTYPES[stored.pop()] if len(stored) == 1 else torch.float32
 
 
