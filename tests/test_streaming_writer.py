@@ -1,8 +1,10 @@
 """The shard writer: casts give torch's bytes, checksums cover the bytes written,
-ranges are copied in source order, and every kernel copy has a fallback."""
+ranges are copied in source order, headers are padded so copies keep their
+page offsets, and every kernel call has a fallback."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -15,7 +17,7 @@ import pytest
 import torch
 from blake3 import blake3
 
-from layersplice.checkpoint import writer
+from layersplice.checkpoint import kernel, writer
 from layersplice.checkpoint.cast import CHUNK_ELEMENTS, IO_ELEMENTS, Cast
 from layersplice.checkpoint.digest import blake3_file
 from layersplice.checkpoint.safetensors_format import read_header
@@ -84,8 +86,8 @@ def _tensor_bytes(path: Path) -> dict[str, bytes]:
 
 def test_tensors_adjacent_in_a_source_are_copied_in_one_kernel_call(tmp_path, three_tensors, monkeypatch):
     calls = []
-    real = writer.COPIERS[0]
-    monkeypatch.setattr(writer, "COPIERS", (lambda *args: calls.append(args) or real(*args), *writer.COPIERS[1:]))
+    real = kernel.COPIERS[0]
+    monkeypatch.setattr(kernel, "COPIERS", (lambda *args: calls.append(args) or real(*args), *kernel.COPIERS[1:]))
     items = [three_tensors[n] for n in ("c", "a", "b")]
     [written] = _write(tmp_path / "out", items)
     assert written.tensors == ("a", "b", "c")  # the source's byte order
@@ -125,13 +127,13 @@ def _refusing(errno_code: int, calls: list):
     return copier
 
 
-@pytest.mark.parametrize("refused", [1, 2])
+@pytest.mark.parametrize("refused", range(1, len(kernel.COPIERS)))
 def test_a_copier_the_files_do_not_support_falls_back_to_the_next(tmp_path, three_tensors, monkeypatch, refused):
     items = list(three_tensors.values())
     [expected] = _write(tmp_path / "kernel", items)
     calls: list = []
-    copiers = [_refusing(errno.EXDEV, calls)] * refused + list(writer.COPIERS[refused:])
-    monkeypatch.setattr(writer, "COPIERS", tuple(copiers))
+    copiers = [_refusing(errno.EXDEV, calls)] * refused + list(kernel.COPIERS[refused:])
+    monkeypatch.setattr(kernel, "COPIERS", tuple(copiers))
     [written] = _write(tmp_path / "fallback", items)
     assert calls == [errno.EXDEV] * refused
     assert written == expected
@@ -140,7 +142,7 @@ def test_a_copier_the_files_do_not_support_falls_back_to_the_next(tmp_path, thre
 
 def test_a_write_error_is_raised_not_retried_another_way(tmp_path, three_tensors, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(writer, "COPIERS", (_refusing(errno.ENOSPC, calls), *writer.COPIERS))
+    monkeypatch.setattr(kernel, "COPIERS", (_refusing(errno.ENOSPC, calls), *kernel.COPIERS))
     with pytest.raises(OSError) as raised:
         _write(tmp_path / "out", list(three_tensors.values()))
     assert raised.value.errno == errno.ENOSPC and calls == [errno.ENOSPC]
@@ -195,3 +197,82 @@ def test_build_without_a_cast_imports_neither_torch_nor_numpy(tmp_path, checkpoi
     done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _with_header_padding(path: Path, tensors: dict[str, np.ndarray], pad: int) -> dict[str, PlannedTensor]:
+    """F32 tensors in a file whose header has `pad` extra spaces (so its data starts at another page offset)."""
+    from layersplice.checkpoint.safetensors_format import encode_header
+
+    header = encode_header([(n, "F32", a.shape, a.nbytes) for n, a in tensors.items()], {"format": "pt"})
+    raw = header[8:] + b" " * pad
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(a.tobytes() for a in tensors.values()))
+    infos = read_header(path).tensors
+    return {name: PlannedTensor(name, infos[name], "teacher", "F32") for name in tensors}
+
+
+def test_the_header_is_padded_so_most_copied_bytes_keep_their_page_offset(tmp_path):
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(2)
+    big = {f"big.{i}": rng.standard_normal((64, 64)).astype(np.float32) for i in range(3)}  # 48 KiB
+    small = {"small.0": rng.standard_normal((16, 16)).astype(np.float32)}  # 1 KiB
+    items = [*_with_header_padding(tmp_path / "a.safetensors", big, 1000).values(),
+             *_with_header_padding(tmp_path / "b.safetensors", small, 8).values()]
+    [written] = _write(tmp_path / "out", items)
+    out = tmp_path / "out" / written.name
+    placed = read_header(out).tensors
+    for item in items:
+        shift = (placed[item.name].start - item.source.start) % 4096
+        # The larger source decides the padding; the smaller one cannot match both.
+        assert (shift == 0) == item.name.startswith("big"), item.name
+    header_length = int.from_bytes(out.read_bytes()[:8], "little")
+    assert header_length % 8 == 0
+    loaded = load_file(out)  # the safetensors library reads the padded header
+    for name, array in {**big, **small}.items():
+        assert np.array_equal(loaded[name], array)
+
+
+def test_outputs_stay_byte_identical_for_the_same_inputs(tmp_path, three_tensors):
+    items = list(three_tensors.values())
+    [first] = _write(tmp_path / "one", items)
+    [second] = _write(tmp_path / "two", items)
+    assert (tmp_path / "one" / first.name).read_bytes() == (tmp_path / "two" / second.name).read_bytes()
+
+
+def test_a_failed_splice_leaves_no_stale_bytes_for_the_next_copy(tmp_path):
+    source = tmp_path / "source"
+    source.write_bytes(bytes(range(256)) * 64)
+    src = os.open(source, os.O_RDONLY)
+    read_only = os.open(source, os.O_RDONLY)
+    target = tmp_path / "target"
+    dst = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(OSError):  # the pipe is filled, then cannot be drained into a read-only file
+            kernel.splice_copy(src, read_only, 4096, 100, 0)
+        assert kernel.splice_copy(src, dst, 5000, 7, 0) == 5000
+    finally:
+        for fd in (src, read_only, dst):
+            os.close(fd)
+    assert target.read_bytes() == source.read_bytes()[7:5007]
+
+
+def test_space_is_reserved_before_the_first_byte_and_skipped_where_unsupported(tmp_path, three_tensors, monkeypatch):
+    sizes = []
+    real = writer.preallocate
+
+    def recording(fd, size):
+        real(fd, size)
+        sizes.append((size, os.fstat(fd).st_size))
+
+    monkeypatch.setattr(writer, "preallocate", recording)
+    [written] = _write(tmp_path / "reserved", list(three_tensors.values()))
+    assert sizes == [(written.size, written.size)]
+
+    def unsupported(*args):
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(writer, "preallocate", real)
+    monkeypatch.setattr(kernel, "_libc_function", lambda *args: unsupported)
+    [again] = _write(tmp_path / "unreserved", list(three_tensors.values()))
+    assert again == written

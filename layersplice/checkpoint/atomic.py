@@ -1,29 +1,27 @@
 """Output directories that appear whole or not at all.
 
 Everything is written into a temporary sibling named after the target and
-this process id, fsynced, then renamed onto the target. Writers may ask the
-kernel to start writing ranges to disk as soon as they are complete
-(`start_writeback`), so that the fsync before the rename has less to wait for. Temporaries left by a
-process that no longer runs (killed with SIGKILL, power loss) are removed the
-next time anything is written beside them.
+this process id, fsynced, then renamed onto the target. (Writers ask the
+kernel to start writing ranges to disk as soon as they are complete,
+checkpoint/kernel.py's `start_writeback`, so that this fsync has little left
+to wait for.) Temporaries left by a process that no longer runs (killed
+with SIGKILL, power loss) are removed the next time anything is written
+beside them.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from layersplice.errors import OutputError
 
 TMP_MARK = ".layersplice-tmp-"
 OLD_MARK = ".layersplice-old-"
 OWNER_FILES = ("layersplice.json", "manifest.json")
-SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
 
 
 def temp_sibling(target: Path) -> Path:
@@ -73,30 +71,6 @@ def check_target(target: Path, force: bool) -> None:
             f"{target} exists and was not written by layersplice (no layersplice.json); "
             "refusing to replace it even with --force"
         )
-
-
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux's sync_file_range(2) from libc, or None where there is none."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return function
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing a finished range to disk now, without waiting for it.
-
-    The kernel would otherwise begin only when dirty pages pile up, leaving
-    the whole file to the fsync before the rename; this overlaps the disk
-    with the rest of the build. Durability still comes from that fsync, so
-    where sync_file_range is missing or refuses, nothing is lost.
-    """
-    function = _sync_file_range()
-    if function is not None:
-        function(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def fsync_tree(root: Path) -> None:

@@ -28,6 +28,9 @@ FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 # A header larger than this is not a model header but a corrupt or hostile file.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 METADATA_KEY = "__metadata__"
+# The page size written files are laid out for: fixed, so that the same inputs
+# give the same bytes on every machine.
+PAGE_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -142,11 +145,14 @@ def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
             raise CheckpointError(f"{path}: tensors {name_a!r} and {name_b!r} overlap")
 
 
-def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+def encode_header(
+    entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str], data_phase: int | None = None
+) -> bytes:
     """Header bytes (length prefix included) for (name, dtype, shape, nbytes) in data order.
 
     The JSON is padded with spaces to a multiple of 8 bytes, as safetensors does,
-    so tensor data starts aligned.
+    so tensor data starts aligned; with `data_phase` (a multiple of 8), further
+    spaces make the data start at that offset within a PAGE_BYTES page.
     """
     header: dict[str, object] = {METADATA_KEY: metadata}
     offset = 0
@@ -155,4 +161,6 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
+    if data_phase is not None:
+        raw += b" " * ((data_phase - 8 - len(raw)) % PAGE_BYTES)
     return struct.pack("<Q", len(raw)) + raw

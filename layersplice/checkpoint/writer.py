@@ -2,12 +2,15 @@
 kernel-side copies of coalesced ranges, or a chunked cast where a dtype changes.
 
 Tensor bytes never become Python or torch objects: copies run in the kernel
-(copy_file_range, else sendfile, else 16 MiB buffered reads), casts stream
-one chunk at a time, and a thread hashes the output as it is written
-(checkpoint/digest.py) and then asks the kernel to start writing that range to
-disk. Memory stays bounded by a few buffers whatever the model size. Files are
-not fsynced here: the atomic output directory syncs everything once before
-its rename.
+(checkpoint/kernel.py: splice, else copy_file_range, sendfile, buffered
+reads), casts stream one chunk at a time, and a thread hashes the output as it
+is written (checkpoint/digest.py) and then asks the kernel to start writing
+that range to disk. Memory stays bounded by a few buffers whatever the model
+size. Each shard's disk space is reserved before its first byte, and its
+header is padded (with the spaces safetensors allows) so that most copied
+bytes keep their source's offset within a page, which kernel copies need to
+run at full speed. Files are not fsynced here: the atomic output directory
+syncs everything once before its rename.
 """
 
 from __future__ import annotations
@@ -21,17 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from layersplice.checkpoint.atomic import start_writeback
+from layersplice.checkpoint import kernel
 from layersplice.checkpoint.digest import TrailingDigest
-from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, TensorInfo, encode_header
+from layersplice.checkpoint.kernel import preallocate, pwrite_all, start_writeback
+from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, PAGE_BYTES, TensorInfo, encode_header
 
 FORMAT_METADATA = {"format": "pt"}
-# Bytes per kernel copy call, and so how closely the checksum thread follows.
-COPY_CHUNK = 64 << 20
-BUFFERED_CHUNK = 16 << 20
+# Bytes per copier call, and so how closely the checksum thread follows.
+COPY_CHUNK = 16 << 20
 CAST_WORKERS = 2  # threads that read, convert and write cast chunks (numpy and I/O release the GIL)
-# Errors by which a kernel copy says it cannot copy between these two files.
-UNSUPPORTED = {errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}
 ProgressFn = Callable[[int], None]
 
 
@@ -140,15 +141,19 @@ def _ignore(_: int) -> None:
 
 def _write_file(path: Path, items: Sequence[WriteItem], sources: SourceFiles, progress: ProgressFn) -> tuple[int, str]:
     """Write one shard; returns its size and BLAKE3 digest."""
-    header = encode_header([(i.name, i.dtype, i.shape, i.nbytes) for i in items], FORMAT_METADATA)
+    runs = _coalesce([part for item in items for part in item.parts])
+    header = encode_header(
+        [(i.name, i.dtype, i.shape, i.nbytes) for i in items], FORMAT_METADATA, data_phase=_data_phase(runs)
+    )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     digest = None
     try:
+        preallocate(fd, len(header) + sum(i.nbytes for i in items))
         digest = TrailingDigest(path, then=start_writeback)
-        _pwrite_all(fd, header, 0)
+        pwrite_all(fd, header, 0)
         offset = len(header)
         digest.written(offset)
-        for run in _coalesce([part for item in items for part in item.parts]):
+        for run in runs:
             first = run[0]
             src = sources.fd(first.source.file)
             if first.is_copy:
@@ -181,18 +186,36 @@ def _coalesce(items: Sequence[WriteItem]) -> list[list[WriteItem]]:
     return runs
 
 
+def _data_phase(runs: Sequence[Sequence[WriteItem]]) -> int | None:
+    """The offset within a page at which tensor data should start so that the most
+    copied bytes sit at the same offset within a page as in their source file.
+
+    Only phases that keep data 8-byte aligned qualify; ties go to the smallest,
+    so the output depends on the inputs alone. None when nothing is copied.
+    """
+    votes: dict[int, int] = {}
+    offset = 0
+    for run in runs:
+        length = sum(part.nbytes for part in run)
+        phase = (run[0].source.start - offset) % PAGE_BYTES
+        if run[0].is_copy and phase % 8 == 0:
+            votes[phase] = votes.get(phase, 0) + length
+        offset += length
+    return max(sorted(votes), key=votes.__getitem__, default=None)
+
+
 def _copy_range(
     src: int, dst: int, src_off: int, dst_off: int, length: int, digest: TrailingDigest, progress: ProgressFn
 ) -> int:
     """Copy in the kernel where the files allow it; returns the output offset after the range."""
-    copiers = list(COPIERS)
+    copiers = list(kernel.COPIERS)
     done = 0
     while done < length:
         count = min(COPY_CHUNK, length - done)
         try:
             n = copiers[0](src, dst, count, src_off + done, dst_off + done)
         except OSError as exc:
-            if exc.errno not in UNSUPPORTED or len(copiers) == 1:
+            if exc.errno not in kernel.UNSUPPORTED or len(copiers) == 1:
                 raise
             copiers.pop(0)
             continue
@@ -202,35 +225,6 @@ def _copy_range(
         digest.written(dst_off + done)
         progress(n)
     return dst_off + length
-
-
-def _copy_file_range(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
-    return os.copy_file_range(src, dst, count, src_off, dst_off)
-
-
-def _sendfile(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
-    os.lseek(dst, dst_off, os.SEEK_SET)
-    return os.sendfile(dst, src, src_off, count)
-
-
-def _buffered(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
-    data = os.pread(src, min(count, BUFFERED_CHUNK), src_off)
-    _pwrite_all(dst, data, dst_off)
-    return len(data)
-
-
-COPIERS = (
-    *([_copy_file_range] if hasattr(os, "copy_file_range") else []),
-    *([_sendfile] if hasattr(os, "sendfile") else []),
-    _buffered,
-)
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 def _cast_range(src: int, dst: int, item: WriteItem, dst_off: int, digest: TrailingDigest, progress: ProgressFn) -> int:
@@ -278,7 +272,7 @@ def _cast_chunk(src: int, dst: int, info: TensorInfo, dtype: str, src_off: int, 
     source = cast.input[: count * cast.in_size]
     if os.preadv(src, [source], src_off) != len(source):
         raise OSError(errno.EIO, f"{info.file}: tensor {info.name} is truncated")
-    _pwrite_all(dst, cast.convert(source), dst_off)
+    pwrite_all(dst, cast.convert(source), dst_off)
 
 
 @functools.cache

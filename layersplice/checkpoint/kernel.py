@@ -1,0 +1,150 @@
+"""Byte moves the kernel does for us: range copies between files, preallocation
+and early writeback. Every call here degrades to something portable.
+
+A copier moves up to `count` bytes from `src` at `src_off` to `dst` at
+`dst_off` and returns how many it moved (0 only at the source's end). They
+are tried in COPIERS order; one that raises an error in UNSUPPORTED for a pair
+of files is dropped for the rest of that range. Measured on ext4 (2-core VM,
+bench/RESULTS.md): splice through a 256 KiB pipe moved a 1.2 GB range in
+~0.21 s where copy_file_range took ~0.24 s when the source and output offsets
+were congruent modulo the page size, and ~0.28 s against ~0.38 s when they
+were not (copy_file_range splices through a 64 KiB pipe, so a misaligned copy
+splits more pages into partial writes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import functools
+import os
+import threading
+from typing import Callable
+
+# Errors by which a kernel copy says it cannot copy between these two files.
+UNSUPPORTED = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
+PIPE_BYTES = 256 << 10
+BUFFERED_CHUNK = 16 << 20
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
+Copier = Callable[[int, int, int, int, int], int]
+
+
+@functools.cache
+def _libc_function(name: str, *argtypes) -> Callable | None:
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = list(argtypes)
+    return function
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve `size` bytes of disk for a new file before writing it.
+
+    A full disk is then reported before any byte is copied, and buffered
+    writes into reserved blocks skip delayed allocation (ext4 copied a 1.2 GB
+    file in ~0.24 s instead of ~0.33 s). File systems without fallocate(2)
+    just skip it; never emulated by writing zeros, as posix_fallocate would.
+    """
+    fallocate = _libc_function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if fallocate is None or size <= 0:
+        return
+    if fallocate(fd, 0, 0, size) != 0:
+        code = ctypes.get_errno()
+        if code not in UNSUPPORTED:
+            raise OSError(code, os.strerror(code))
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a finished range to disk now, without waiting for it.
+
+    The kernel would otherwise begin only when dirty pages pile up, leaving
+    the whole file to the fsync before the rename; this overlaps the disk
+    with the rest of the build. Durability still comes from that fsync, so
+    where sync_file_range is missing or refuses, nothing is lost.
+    """
+    function = _libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    if function is not None:
+        function(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+class _Pipe(threading.local):
+    """One pipe per thread for splice, emptied or discarded after every use."""
+
+    fds: tuple[int, int] | None = None
+
+    def get(self) -> tuple[int, int]:
+        if self.fds is None:
+            read_end, write_end = os.pipe()
+            try:
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:
+                pass  # over the user's pipe quota: the default size still works
+            self.fds = read_end, write_end
+        return self.fds
+
+    def discard(self) -> None:
+        if self.fds is not None:
+            for fd in self.fds:
+                os.close(fd)
+            self.fds = None
+
+
+_pipe = _Pipe()
+
+
+def splice_copy(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
+    """Copy through a pipe of page references: one copy of the bytes, in the kernel."""
+    read_end, write_end = _pipe.get()
+    done = 0
+    try:
+        while done < count:
+            filled = os.splice(src, write_end, min(PIPE_BYTES, count - done), offset_src=src_off + done)
+            if filled == 0:
+                break
+            drained = 0
+            while drained < filled:
+                drained += os.splice(read_end, dst, filled - drained, offset_dst=dst_off + done + drained)
+            done += filled
+    except BaseException:
+        _pipe.discard()  # it may still hold bytes of this range
+        raise
+    return done
+
+
+def copy_file_range_copy(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
+    done = 0
+    while done < count:
+        n = os.copy_file_range(src, dst, count - done, src_off + done, dst_off + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def sendfile_copy(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
+    os.lseek(dst, dst_off, os.SEEK_SET)
+    return os.sendfile(dst, src, src_off, count)
+
+
+def buffered_copy(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
+    data = os.pread(src, min(count, BUFFERED_CHUNK), src_off)
+    pwrite_all(dst, data, dst_off)
+    return len(data)
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+COPIERS: tuple[Copier, ...] = (
+    *([splice_copy] if hasattr(os, "splice") else []),
+    *([copy_file_range_copy] if hasattr(os, "copy_file_range") else []),
+    *([sendfile_copy] if hasattr(os, "sendfile") else []),
+    buffered_copy,
+)
