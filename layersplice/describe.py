@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import yaml
 
+from layersplice import schema
 from layersplice.architectures import DESCRIPTION_DIR, Description
 from layersplice.architectures.layout import Layout
 from layersplice.checkpoint.source import Checkpoint
@@ -38,7 +39,7 @@ def draft_description(checkpoint: Checkpoint, layout: Layout) -> dict:
         draft["tied_head"] = layout.tied_head_name
         draft["tied_embedding"] = re.escape(token_embedding)
     draft["per_layer_lists"] = list(layout.per_layer_lists)
-    Description.model_validate(draft)
+    schema.load(Description, draft)
     return draft
 
 

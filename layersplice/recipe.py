@@ -2,34 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from layersplice import schema
 from layersplice.alignment import AlignmentSpec
 from layersplice.errors import RecipeError
 
 DEFAULT_OUT = "out/{name}-{layers}L"
 
 
-class RecipeAlignment(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+@dataclass(frozen=True)
+class RecipeAlignment:
     first: int | None = None
     every: int | None = None
     last: int | None = None
-    copied_teacher_layers: list[int] | None = None
+    copied_teacher_layers: tuple[int, ...] | None = None
 
-    @model_validator(mode="after")
-    def _one_kind(self) -> "RecipeAlignment":
+    def __post_init__(self) -> None:
         rule = (self.first, self.every, self.last)
         if self.copied_teacher_layers is not None and any(v is not None for v in rule):
             raise ValueError("give either first/every/last or copied_teacher_layers, not both")
         if any(v is None for v in rule) and any(v is not None for v in rule):
             raise ValueError("first, every and last go together: give all three")
-        return self
 
     def spec(self, origin: str) -> AlignmentSpec:
         if self.copied_teacher_layers is not None:
@@ -39,29 +37,25 @@ class RecipeAlignment(BaseModel):
         return AlignmentSpec(origin=origin)
 
 
-class Recipe(BaseModel):
-    """One teacher/student pair and how to export its sizes."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True)
+class Recipe:
+    """One teacher/student pair and how to export its sizes (unknown keys are errors)."""
 
     name: str
     teacher: str
     student: str
     teacher_revision: str | None = None
     student_revision: str | None = None
-    alignment: RecipeAlignment = RecipeAlignment()
+    alignment: RecipeAlignment = field(default_factory=RecipeAlignment)
     order: Literal["last", "first"] = "last"
     out: str = DEFAULT_OUT
     dtype: Literal["F32", "BF16", "F16"] | None = None
     shard_size: str = "5GB"
     description: str = ""
 
-    @field_validator("name")
-    @classmethod
-    def _plain_name(cls, name: str) -> str:
-        if not name or "/" in name or name.startswith("."):
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError("name must be a plain word usable in a directory name")
-        return name
 
     def output_path(self, layers: int | str) -> Path:
         return Path(self.out.format(name=self.name, layers=layers))
@@ -74,8 +68,8 @@ def load_recipe(path: Path) -> tuple[Recipe, Path]:
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
     try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=schema.SafeLoader)
+        data = yaml.load(text, Loader=schema.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -83,18 +77,15 @@ def load_recipe(path: Path) -> tuple[Recipe, Path]:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping of keys such as name, teacher, student")
     try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        line = _line_of(root, error["loc"])
-        field = ".".join(str(p) for p in error["loc"]) or "recipe"
-        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-        raise RecipeError(f"{path}:{line}: {field}: {message}") from None
+        recipe = schema.load(Recipe, data)
+    except schema.SchemaError as exc:
+        field_name = ".".join(str(p) for p in exc.path) or "recipe"
+        raise RecipeError(f"{path}:{_line_of(root, exc.path)}: {field_name}: {exc.message}") from None
     return recipe, path.parent
 
 
 def _line_of(node: yaml.Node | None, loc: tuple) -> int:
-    """1-based line of the YAML node at a pydantic error location."""
+    """1-based line of the YAML node at a schema error's location."""
     line = node.start_mark.line + 1 if node is not None else 1
     for part in loc:
         if isinstance(node, yaml.MappingNode):

@@ -13,18 +13,20 @@ head tensor names into that family's names (layersplice/architectures/names.py).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from layersplice import schema
 from layersplice.errors import ArchitectureError
 
 DESCRIPTION_DIR = Path(__file__).parent
 
 
-class Renames(BaseModel):
+@dataclass(frozen=True)
+class Renames:
     """Own tensor names -> the names_as family's names.
 
     A key is a module path (it renames every tensor under it) or a full tensor
@@ -33,16 +35,13 @@ class Renames(BaseModel):
     qkv_proj is [q_proj, k_proj, v_proj]). Names not listed keep their name.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    layer: dict[str, str | tuple[str, ...]] = {}
-    head: dict[str, str | tuple[str, ...]] = {}
+    layer: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
+    head: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
 
 
-class Description(BaseModel):
-    """How one model family lays out its tensors and config."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class Description:
+    """How one model family lays out its tensors and config (unknown keys are errors)."""
 
     name: str
     model_types: tuple[str, ...]
@@ -60,7 +59,7 @@ class Description(BaseModel):
     # Further head tensors the loader ties to another head tensor together
     # with the embeddings (BERT: decoder.bias <- predictions.bias); written
     # out whenever the head is.
-    tied_alongside: dict[str, str] = {}
+    tied_alongside: dict[str, str] = field(default_factory=dict)
     per_layer_lists: tuple[str, ...] = ()
     per_layer_thresholds: tuple[str, ...] = ()
     # Config lists of layer indices (Qwen-MoE mlp_only_layers): an output
@@ -69,33 +68,23 @@ class Description(BaseModel):
     # A period key (layers with (i + 1) % k == 0 are special) -> the index
     # list of exceptions: the splice sets the period to 1 and lists every
     # output layer whose source layer was off period.
-    per_layer_periods: dict[str, str] = {}
+    per_layer_periods: dict[str, str] = field(default_factory=dict)
     names_as: str | None = None
-    rename: Renames = Renames()
+    rename: Renames = field(default_factory=Renames)
     # Older spellings of a name's last parts, read as the modern ones when
     # pairing across families (BERT's LayerNorm.gamma is LayerNorm.weight).
-    legacy_names: dict[str, str] = {}
+    legacy_names: dict[str, str] = field(default_factory=dict)
 
-    @field_validator("embeddings", "head")
-    @classmethod
-    def _patterns_compile(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
-        for pattern in patterns:
-            re.compile(pattern)
-        return patterns
-
-    @field_validator("tied_embedding", "tied_head_when")
-    @classmethod
-    def _pattern_compiles(cls, pattern: str | None) -> str | None:
-        if pattern is not None:
-            re.compile(pattern)
-        return pattern
-
-    @model_validator(mode="after")
-    def _periods_name_index_lists(self) -> Description:
+    def __post_init__(self) -> None:
+        for key in ("embeddings", "head", "tied_embedding", "tied_head_when"):
+            for pattern in _as_tuple(getattr(self, key)):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"{key}: {pattern!r} is not a regular expression ({exc})") from None
         for period, exceptions in self.per_layer_periods.items():
             if exceptions not in self.per_layer_index_lists:
                 raise ValueError(f"per_layer_periods: {period} -> {exceptions}, which is not in per_layer_index_lists")
-        return self
 
     @property
     def canonical_family(self) -> str:
@@ -109,24 +98,44 @@ class Description(BaseModel):
         return any(re.fullmatch(p, name) for p in self.head)
 
 
+def _as_tuple(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    return () if value is None else (value,) if isinstance(value, str) else value
+
+
 def load_description(path: Path) -> Description:
     try:
-        data = yaml.safe_load(path.read_text())
-        return Description.model_validate(data)
-    except (yaml.YAMLError, ValidationError, re.error) as exc:
+        data = yaml.load(path.read_text(), Loader=schema.SafeLoader)
+        return schema.load(Description, data)
+    except (yaml.YAMLError, schema.SchemaError) as exc:
         first = str(exc).splitlines()
         raise ArchitectureError(f"{path}: invalid description ({'; '.join(first[:3])})") from None
+    except OSError as exc:
+        raise ArchitectureError(f"{path}: cannot read description ({exc.strerror})") from None
+
+
+@cache
+def builtin_description(name: str) -> Description | None:
+    path = DESCRIPTION_DIR / f"{name}.yaml"
+    return load_description(path) if path.is_file() else None
 
 
 @cache
 def builtin_descriptions() -> tuple[Description, ...]:
-    return tuple(load_description(p) for p in sorted(DESCRIPTION_DIR.glob("*.yaml")))
+    return tuple(builtin_description(p.stem) for p in sorted(DESCRIPTION_DIR.glob("*.yaml")))
 
 
 def find_description(config: dict) -> Description | None:
-    """The description matching config.json's model_type, else its architectures."""
+    """The description matching config.json's model_type, else its architectures.
+
+    The file named after the model_type is tried first, so a build usually
+    reads one description; the rest are read only when that one does not claim it.
+    """
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
+    if isinstance(model_type, str) and model_type.isidentifier():
+        named = builtin_description(model_type)
+        if named is not None and model_type in named.model_types:
+            return named
     for description in builtin_descriptions():
         if model_type in description.model_types:
             return description
