@@ -6,19 +6,24 @@ as torch's does, and gives the bytes torch's CPU casts give: to BF16 it rounds
 to nearest even (NaN as torch writes it); F16/F64 use IEEE conversions
 (overflow to inf is the cast's meaning, not an error).
 Callers hand over up to 1M elements at a time; the conversion walks them in
-chunks of 64K that stay in the L2 cache between its few passes. Buffers are
-allocated once per Cast (a few MiB).
+chunks of 128K that stay in the L2 cache between its few passes (1.7 G
+elements/s for F32 -> BF16 on one core here, twice what 64K chunks with a
+sum-based NaN test gave). Buffers are allocated once per Cast (a few MiB).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
-import numpy as np
+# numpy's OpenBLAS starts worker threads at import that spin for a while: ~0.1 s
+# of a 2-core machine's CPU during a cast, which never calls BLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
 
 from layersplice.checkpoint.safetensors_format import DTYPE_SIZES
 
-CHUNK_ELEMENTS = 1 << 16  # converted at a time: fits the L2 cache
+CHUNK_ELEMENTS = 1 << 17  # converted at a time: fits the L2 cache
 IO_ELEMENTS = 1 << 20  # the most one convert() takes
 NUMPY_FLOATS = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 # What torch's CPU casts write for a NaN: its vectorized float path gives 0xFFFF,
@@ -38,17 +43,18 @@ class Cast:
         self._f32 = np.empty(CHUNK_ELEMENTS, np.float32)
         self._u32 = np.empty(CHUNK_ELEMENTS, np.uint32)
 
-    def convert(self, source: np.ndarray) -> memoryview:
-        """`source` (bytes of at most IO_ELEMENTS elements, as uint8) converted; valid
-        until the next call."""
+    def convert(self, source: np.ndarray, output: np.ndarray | None = None) -> memoryview:
+        """`source` (bytes of at most IO_ELEMENTS elements, as uint8) converted into
+        `output` (uint8, large enough), else into a buffer valid until the next call."""
         count = len(source) // self.in_size
+        output = self._output if output is None else output
         with np.errstate(all="ignore"):
             for first in range(0, count, CHUNK_ELEMENTS):
                 n = min(CHUNK_ELEMENTS, count - first)
                 raw = source[first * self.in_size : (first + n) * self.in_size]
-                out = self._output[first * self.out_size : (first + n) * self.out_size]
+                out = output[first * self.out_size : (first + n) * self.out_size]
                 self._from_f32(self._to_f32(raw, n), out)
-        return memoryview(self._output[: count * self.out_size])
+        return memoryview(output[: count * self.out_size])
 
     def _to_f32(self, raw: np.ndarray, count: int) -> np.ndarray:
         if self.src == "F32":
@@ -74,11 +80,16 @@ class Cast:
         work = self._u32[: len(bits)]
         np.right_shift(bits, 16, out=work)
         np.bitwise_and(work, 1, out=work)
-        np.add(work, 0x7FFF, out=work)
         np.add(work, bits, out=work)
+        np.add(work, 0x7FFF, out=work)
         np.right_shift(work, 16, out=out, casting="unsafe")
-        if not np.isfinite(np.sum(values)):  # cheap test; NaN and inf are rare in weights
+        if np.isnan(np.max(values)):  # max propagates NaN: one cheap pass; NaN is rare in weights
             out[np.isnan(values)] = BF16_NAN.get(self.src, BF16_NAN_DEFAULT)
+
+
+def output_buffer(dst: str) -> np.ndarray:
+    """A buffer that holds one convert() output of `dst` elements."""
+    return np.empty(IO_ELEMENTS * DTYPE_SIZES[dst], np.uint8)
 
 
 _per_thread = threading.local()

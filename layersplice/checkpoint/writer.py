@@ -228,51 +228,65 @@ def _copy_range(
 
 
 def _cast_range(src: int, dst: int, item: WriteItem, dst_off: int, digest: TrailingDigest, progress: ProgressFn) -> int:
-    """Cast one source range in chunks, CAST_WORKERS at a time; returns the output offset after it.
+    """Cast one source range in chunks; returns the output offset after it.
 
-    Each chunk is read, converted and written by one worker at its own offset;
-    the checksum thread hears of the chunks in order, as they complete.
+    CAST_WORKERS threads read and convert chunks into buffers from a small
+    pool; this thread writes them in order (two threads writing one file
+    would only spin on its lock) and tells the checksum thread.
     """
     from layersplice.checkpoint.cast import IO_ELEMENTS
 
     info = item.source
     in_size, out_size = DTYPE_SIZES[info.dtype], DTYPE_SIZES[item.dtype]
-    pending: deque[tuple[Future, int]] = deque()
+    free = _cast_buffers(item.dtype)
+    pending: deque[tuple[Future, object, int]] = deque()
     end = dst_off
 
-    def complete_oldest() -> None:
+    def write_oldest() -> None:
         nonlocal end
-        future, count = pending.popleft()
-        future.result()
+        future, buffer, count = pending.popleft()
+        pwrite_all(dst, future.result(), end)
+        free.append(buffer)
         end += count * out_size
         digest.written(end)
         progress(count * in_size)
 
     try:
         for first in range(0, info.numel, IO_ELEMENTS):
+            if not free:
+                write_oldest()
             count = min(IO_ELEMENTS, info.numel - first)
-            chunk = (info.start + first * in_size, dst_off + first * out_size, count)
-            pending.append((_cast_pool().submit(_cast_chunk, src, dst, info, item.dtype, *chunk), count))
-            if len(pending) > 2 * CAST_WORKERS:
-                complete_oldest()
+            buffer = free.pop()
+            future = _cast_pool().submit(_cast_chunk, src, info, item.dtype, info.start + first * in_size, count, buffer)
+            pending.append((future, buffer, count))
         while pending:
-            complete_oldest()
+            write_oldest()
     finally:
-        # No worker may outlive this call: the output's descriptor is closed next.
-        for future, _ in pending:
+        # No worker may outlive this call: the source descriptor may be closed next.
+        for future, _, _ in pending:
             future.cancel()
-        wait([future for future, _ in pending])
+        wait([future for future, _, _ in pending])
+        free.extend(buffer for _, buffer, _ in pending)
     return end
 
 
-def _cast_chunk(src: int, dst: int, info: TensorInfo, dtype: str, src_off: int, dst_off: int, count: int) -> None:
+@functools.cache
+def _cast_buffers(dtype: str) -> list:
+    """The output buffers of casts to `dtype`, allocated once per process (fresh pages cost
+    a fault each) and lent to one cast range at a time."""
+    from layersplice.checkpoint.cast import output_buffer
+
+    return [output_buffer(dtype) for _ in range(2 * CAST_WORKERS)]
+
+
+def _cast_chunk(src: int, info: TensorInfo, dtype: str, src_off: int, count: int, output) -> memoryview:
     from layersplice.checkpoint.cast import cast_for
 
     cast = cast_for(info.dtype, dtype)
     source = cast.input[: count * cast.in_size]
     if os.preadv(src, [source], src_off) != len(source):
         raise OSError(errno.EIO, f"{info.file}: tensor {info.name} is truncated")
-    pwrite_all(dst, cast.convert(source), dst_off)
+    return cast.convert(source, output)
 
 
 @functools.cache
