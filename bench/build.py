@@ -1,6 +1,6 @@
 """`layersplice build` against `cp` of the same output bytes: wall time and peak RSS.
 
-    python bench/build.py [--repeat 3] [--only base,all,double,cast] [--peers]
+    python bench/build.py [--repeat 5] [--only base,all,double,cast] [--peers]
 
 Generates once, under bench/.cache/ (gitignored), random-weight Llama-shaped
 teacher/student pairs, each student made of the teacher layers kept by
@@ -25,9 +25,12 @@ Each scenario times, alternately and --repeat times, in fresh processes:
               writeback and fsync; nothing else changes)  vs  plain `cp -r`
 Before every timed command its input is read through (warm page cache: the
 build's teacher and student, cp's source), and the other pairs are evicted
-from the page cache so that writes find free memory on both sides alike. Dirty pages of earlier steps are flushed
-with `sync` before every timed command. Wall time is taken around the process;
-peak RSS is ru_maxrss and CPU time user + system from /usr/bin/time (the
+from the page cache so that writes find free memory on both sides alike.
+Dirty pages of earlier steps are flushed with `sync` before every timed
+command, and then 3 GiB of memory is touched and freed
+(synthetic.warm_free_memory: on these VMs the host takes back free memory,
+and whichever command next allocates it waits; --cold skips this). Wall time
+is taken around the process; peak RSS is ru_maxrss and CPU time user + system from /usr/bin/time (the
 command alone, not this script). Ratios are of medians, from one run; the CPU
 times are printed because other jobs on a shared machine move wall times.
 """
@@ -35,6 +38,7 @@ times are printed because other jobs on a shared machine move wall times.
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import platform
 import shutil
@@ -47,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import LlamaShape, evict, file_bytes, read_through, write_pair  # noqa: E402
+from synthetic import LlamaShape, evict, file_bytes, read_through, warm_free_memory, write_pair  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 CACHE = BENCH / ".cache"
@@ -63,6 +67,7 @@ SCENARIOS = {  # name: (pair, build arguments, ratio target)
     "cast": ("fp32", ["--layers", "11", "--dtype", "bf16"], 1.5),
 }
 RSS_LIMIT_MIB, RSS_GROWTH_MIB = 150, 20
+WARM_BYTES = 3 << 30
 NO_FSYNC = (  # the CLI with its durability work (early writeback, fsync) made no-ops
     "import layersplice.checkpoint.atomic as atomic, layersplice.checkpoint.writer as writer\n"
     "atomic.fsync_tree = atomic._fsync_dir = lambda path: None\n"
@@ -91,9 +96,11 @@ def ensure_pair(name: str) -> tuple[Path, Path]:
     return root / "teacher", root / "student"
 
 
-def measure(command: list[str]) -> Run:
+def measure(command: list[str], warm: bool) -> Run:
     """Wall time and peak RSS of one command, after flushing earlier dirty pages."""
     os.sync()
+    if warm:
+        warm_free_memory(WARM_BYTES)
     with tempfile.NamedTemporaryFile("r") as report, tempfile.TemporaryFile() as errors:
         start = time.perf_counter()
         done = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", report.name, *command],
@@ -111,7 +118,7 @@ def cp(source: Path, target: Path, durable: bool) -> list[str]:
     return ["sh", "-c", f'cp -r "$0" "$1"{sync}', str(source), str(target)]
 
 
-def scenario(name: str, repeat: int, work: Path) -> dict:
+def scenario(name: str, repeat: int, work: Path, warm: bool) -> dict:
     pair, options, target = SCENARIOS[name]
     teacher, student = ensure_pair(pair)
     for other in CACHE.iterdir():  # keep memory free: the page cache holds this pair only
@@ -128,9 +135,9 @@ def scenario(name: str, repeat: int, work: Path) -> dict:
             ("cp", cp(out, copy, durable=False), out),
         ):
             shutil.rmtree(out if source is None else copy, ignore_errors=True)
-            for warm in (teacher, student) if source is None else (source,):
-                read_through(warm)
-            runs[label].append(measure(command))
+            for cached in (teacher, student) if source is None else (source,):
+                read_through(cached)
+            runs[label].append(measure(command, warm))
     size = file_bytes(out)
     shutil.rmtree(out, ignore_errors=True), shutil.rmtree(copy, ignore_errors=True)
     med = {label: statistics.median(r.wall for r in values) for label, values in runs.items()}
@@ -158,7 +165,7 @@ def peers(work: Path) -> None:
     read_through(teacher), read_through(student)
     out = work / "peer-transformers"
     shutil.rmtree(out, ignore_errors=True)
-    run = measure([sys.executable, str(BENCH / "transformers_splice.py"), str(teacher), str(student), "11", str(out)])
+    run = measure([sys.executable, str(BENCH / "transformers_splice.py"), str(teacher), str(student), "11", str(out)], True)
     size = file_bytes(out)
     shutil.rmtree(out, ignore_errors=True)
     print(f"peer   transformers load -> splice -> save_pretrained, 11 layers ({size / 1e9:.2f} GB):"
@@ -187,15 +194,19 @@ def verdict(ok: bool) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", default=",".join(SCENARIOS), help="Comma-separated scenarios.")
     parser.add_argument("--peers", action="store_true", help="Also time a transformers load-splice-save script.")
+    parser.add_argument("--cold", action="store_true", help="Do not warm free memory before each command (see warm_free_memory).")
     parser.add_argument("--work", type=Path, default=CACHE / "out", help="Output directory (same file system as the cache).")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    # As `pip install` does: without bytecode (PYTHONDONTWRITEBYTECODE, a read-only
+    # checkout) every run would compile layersplice from source first (~35 ms).
+    compileall.compile_dir(BENCH.parent / "layersplice", quiet=1)
     print(f"{platform.node()}: python {platform.python_version()}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}, repeat {args.repeat}", flush=True)
-    results = {name: scenario(name, args.repeat, args.work) for name in args.only.split(",")}
+    results = {name: scenario(name, args.repeat, args.work, not args.cold) for name in args.only.split(",")}
     if args.peers:
         peers(args.work)
     summary(results)

@@ -81,6 +81,28 @@ def test_recipe_unknown_key_names_its_line(tmp_path):
     assert_user_error(run("plan", "--recipe", str(recipe)), f"{recipe}:5", "shardsize", "unknown key")
 
 
+def test_recipe_value_of_the_wrong_type_names_its_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nteacher: a\nstudent: b\nalignment:\n  first: 1\n  every: two\n  last: 2\n")
+    assert_user_error(run("plan", "--recipe", str(recipe)), f"{recipe}:6", "alignment.every", "expected an integer")
+
+
+def test_help_lists_torch_commands_without_importing_torch():
+    from click.testing import CliRunner
+
+    from layersplice.cli import LayerspliceGroup, cli
+
+    script = "import sys\nfrom layersplice.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)\n"
+    done = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True)
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert any(line.split()[:3] == ["distill", "Distill", "a"] for line in done.stdout.splitlines() if line.strip())
+    # The summary kept for --help is the command's own first line.
+    for name, (target, summary) in LayerspliceGroup.lazy_commands.items():
+        real = CliRunner().invoke(cli, [name, "--help"])
+        assert real.exit_code == 0
+        assert real.output.split("\n\n")[1].strip() == summary
+
+
 def test_recipe_paths_resolve_from_the_recipe_folder_and_out_from_the_pattern(tmp_path, llama):
     recipe = tmp_path / "recipes" / "pair.yaml"
     recipe.parent.mkdir()
