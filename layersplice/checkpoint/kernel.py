@@ -19,7 +19,6 @@ import errno
 import fcntl
 import functools
 import os
-import threading
 from typing import Callable
 
 # Errors by which a kernel copy says it cannot copy between these two files.
@@ -70,36 +69,19 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         function(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
-class _Pipe(threading.local):
-    """One pipe per thread for splice, emptied or discarded after every use."""
-
-    fds: tuple[int, int] | None = None
-
-    def get(self) -> tuple[int, int]:
-        if self.fds is None:
-            read_end, write_end = os.pipe()
-            try:
-                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-            except OSError:
-                pass  # over the user's pipe quota: the default size still works
-            self.fds = read_end, write_end
-        return self.fds
-
-    def discard(self) -> None:
-        if self.fds is not None:
-            for fd in self.fds:
-                os.close(fd)
-            self.fds = None
-
-
-_pipe = _Pipe()
-
-
 def splice_copy(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
-    """Copy through a pipe of page references: one copy of the bytes, in the kernel."""
-    read_end, write_end = _pipe.get()
-    done = 0
+    """Copy through a pipe of page references: one copy of the bytes, in the kernel.
+
+    The pipe lives for one call (a few syscalls per COPY_CHUNK), so no bytes of
+    a failed call can ever reach another.
+    """
+    read_end, write_end = os.pipe()
     try:
+        try:
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            pass  # over the user's pipe quota: the default size still works
+        done = 0
         while done < count:
             filled = os.splice(src, write_end, min(PIPE_BYTES, count - done), offset_src=src_off + done)
             if filled == 0:
@@ -108,10 +90,10 @@ def splice_copy(src: int, dst: int, count: int, src_off: int, dst_off: int) -> i
             while drained < filled:
                 drained += os.splice(read_end, dst, filled - drained, offset_dst=dst_off + done + drained)
             done += filled
-    except BaseException:
-        _pipe.discard()  # it may still hold bytes of this range
-        raise
-    return done
+        return done
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def copy_file_range_copy(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
