@@ -44,15 +44,19 @@ class LayerspliceGroup(click.Group):
 
     def get_command(self, ctx: click.Context, name: str):
         if name in self.lazy_commands and name not in self.commands:
-            return click.Command(name, help=self.lazy_commands[name][1])
+            if not ctx.resilient_parsing:  # listing for --help; shell completion needs the options
+                return click.Command(name, help=self.lazy_commands[name][1])
+            self._load(name)
         return super().get_command(ctx, name)
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
-        name = args[0] if args else None
-        if name in self.lazy_commands and name not in self.commands:
-            module, _, attribute = self.lazy_commands[name][0].partition(":")
-            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        if args and args[0] in self.lazy_commands and args[0] not in self.commands:
+            self._load(args[0])
         return super().resolve_command(ctx, args)
+
+    def _load(self, name: str) -> None:
+        module, _, attribute = self.lazy_commands[name][0].partition(":")
+        self.add_command(getattr(importlib.import_module(module), attribute), name)
 
     def invoke(self, ctx: click.Context):
         debug = bool(ctx.params.get("debug"))
