@@ -30,7 +30,8 @@ Dirty pages of earlier steps are flushed with `sync` before every timed
 command, and then 3 GiB of memory is touched and freed
 (synthetic.warm_free_memory: on these VMs the host takes back free memory,
 and whichever command next allocates it waits; --cold skips this). Wall time
-is taken around the process; peak RSS is ru_maxrss and CPU time user + system from /usr/bin/time (the
+is taken around the process; peak RSS is ru_maxrss and CPU time user + system
+from /usr/bin/time (the
 command alone, not this script). Ratios are of medians, from one run; the CPU
 times are printed because other jobs on a shared machine move wall times.
 """

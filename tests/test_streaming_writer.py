@@ -18,7 +18,7 @@ import torch
 from blake3 import blake3
 
 from layersplice.checkpoint import kernel, writer
-from layersplice.checkpoint.cast import CHUNK_ELEMENTS, IO_ELEMENTS, Cast
+from layersplice.checkpoint.cast import CHUNK_ELEMENTS, IO_ELEMENTS, Cast, output_buffer
 from layersplice.checkpoint.digest import blake3_file
 from layersplice.checkpoint.safetensors_format import read_header
 from layersplice.checkpoint.writer import SourceFiles, write_shards
@@ -41,10 +41,11 @@ def _values() -> np.ndarray:
 
 def _cast_all(cast: Cast, raw: bytes) -> bytes:
     count = len(raw) // cast.in_size
+    buffer = output_buffer(cast.dst)
     out = bytearray()
     for first in range(0, count, IO_ELEMENTS):
         n = min(IO_ELEMENTS, count - first)
-        out += cast.convert(np.frombuffer(raw, np.uint8, n * cast.in_size, first * cast.in_size))
+        out += cast.convert(np.frombuffer(raw, np.uint8, n * cast.in_size, first * cast.in_size), buffer)
     return bytes(out)
 
 

@@ -8,7 +8,8 @@ to nearest even (NaN as torch writes it); F16/F64 use IEEE conversions
 Callers hand over up to 1M elements at a time; the conversion walks them in
 chunks of 128K that stay in the L2 cache between its few passes (1.7 G
 elements/s for F32 -> BF16 on one core here, twice what 64K chunks with a
-sum-based NaN test gave). Buffers are allocated once per Cast (a few MiB).
+sum-based NaN test gave). Input and work buffers are allocated once per Cast
+(a few MiB); callers lend the output buffers (output_buffer).
 """
 
 from __future__ import annotations
@@ -39,15 +40,13 @@ class Cast:
         self.src, self.dst = src, dst
         self.in_size, self.out_size = DTYPE_SIZES[src], DTYPE_SIZES[dst]
         self.input = np.empty(IO_ELEMENTS * self.in_size, np.uint8)  # for callers to read into
-        self._output = np.empty(IO_ELEMENTS * self.out_size, np.uint8)
         self._f32 = np.empty(CHUNK_ELEMENTS, np.float32)
         self._u32 = np.empty(CHUNK_ELEMENTS, np.uint32)
 
-    def convert(self, source: np.ndarray, output: np.ndarray | None = None) -> memoryview:
+    def convert(self, source: np.ndarray, output: np.ndarray) -> memoryview:
         """`source` (bytes of at most IO_ELEMENTS elements, as uint8) converted into
-        `output` (uint8, large enough), else into a buffer valid until the next call."""
+        `output` (an output_buffer)."""
         count = len(source) // self.in_size
-        output = self._output if output is None else output
         with np.errstate(all="ignore"):
             for first in range(0, count, CHUNK_ELEMENTS):
                 n = min(CHUNK_ELEMENTS, count - first)

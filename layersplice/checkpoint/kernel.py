@@ -97,13 +97,7 @@ def splice_copy(src: int, dst: int, count: int, src_off: int, dst_off: int) -> i
 
 
 def copy_file_range_copy(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
-    done = 0
-    while done < count:
-        n = os.copy_file_range(src, dst, count - done, src_off + done, dst_off + done)
-        if n == 0:
-            break
-        done += n
-    return done
+    return os.copy_file_range(src, dst, count, src_off, dst_off)
 
 
 def sendfile_copy(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
