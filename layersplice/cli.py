@@ -82,8 +82,19 @@ class LayerspliceGroup(click.Group):
             ctx.exit(EXIT_INTERNAL)
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from layersplice.checkpoint.cast import native
+
+    click.echo(f"layersplice, version {__version__}")
+    click.echo(f"F32 -> BF16 casts: {'compiled' if native() else 'numpy (the compiled cast is not built or is off)'}")
+    ctx.exit()
+
+
 @click.group(cls=LayerspliceGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="layersplice")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version, and whether casts run compiled, and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def cli(debug: bool) -> None:
     """Build any model size between a teacher and its boomerang-distilled student.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Iterable
 
 import click
 from rich.console import Console
@@ -18,7 +20,7 @@ from layersplice.cli import (
 )
 from layersplice.errors import LayerspliceError
 from layersplice.job import single_layout
-from layersplice.plan import make_plan, student_init_plan
+from layersplice.plan import PlannedTensor, make_plan, student_init_plan
 from layersplice.recipe import load_recipe, model_reference
 from layersplice.units import format_bytes, parse_bytes
 from layersplice.verify import verify_path
@@ -64,6 +66,7 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
             raise LayerspliceError("--all writes every size; drop --keep/--patch/--layers/--blocks/--params/--max-bytes")
         target = out or (Path("out") / name)
         plans = all_plans(job, sources.order)
+        _note_a_slow_cast(t for _, plan in plans for t in plan.tensors)
         with _progress() as progress:
             task = progress.add_task("writing all sizes", total=sum(plan.nbytes for _, plan in plans))
             built = build_all(
@@ -81,10 +84,25 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
         if sources.recipe is None:
             raise LayerspliceError("say where to write: --out DIR (or use a recipe with an 'out' pattern)")
         out = sources.recipe.output_path(plan.n_layers)
+    _note_a_slow_cast(plan.tensors)
     with _progress() as progress:
         task = progress.add_task(f"writing {out}", total=plan.nbytes)
         result = build_one(job, plan, out, choice, sources.shard_size, force, lambda n: progress.advance(task, n))
     display.built_table(console, [result], out)
+
+
+def _note_a_slow_cast(tensors: Iterable[PlannedTensor]) -> None:
+    """Say so when an F32 -> BF16 cast runs on numpy because the compiled loop is missing."""
+    from layersplice.checkpoint.cast import native
+
+    if native() is not None or os.environ.get("LAYERSPLICE_NATIVE", "1") == "0":
+        return
+    if any(t.source.dtype == "F32" and t.dtype == "BF16" for t in tensors):
+        click.echo(
+            "note: F32 -> BF16 conversion runs on numpy, several times slower: the compiled cast was not built "
+            "at install; reinstall layersplice where a C compiler and Python headers exist",
+            err=True,
+        )
 
 
 @cli.command()

@@ -18,7 +18,7 @@ import torch
 from blake3 import blake3
 
 from layersplice.checkpoint import kernel, writer
-from layersplice.checkpoint.cast import CHUNK_ELEMENTS, IO_ELEMENTS, Cast, output_buffer
+from layersplice.checkpoint.cast import CHUNK_ELEMENTS, IO_ELEMENTS, Cast
 from layersplice.checkpoint.digest import blake3_file
 from layersplice.checkpoint.safetensors_format import read_header
 from layersplice.checkpoint.writer import SourceFiles, write_shards
@@ -41,7 +41,7 @@ def _values() -> np.ndarray:
 
 def _cast_all(cast: Cast, raw: bytes) -> bytes:
     count = len(raw) // cast.in_size
-    buffer = output_buffer(cast.dst)
+    buffer = bytearray(IO_ELEMENTS * cast.out_size)
     out = bytearray()
     for first in range(0, count, IO_ELEMENTS):
         n = min(IO_ELEMENTS, count - first)
@@ -105,9 +105,14 @@ def test_the_recorded_digest_is_blake3_of_the_file_written(tmp_path, three_tenso
     assert written.size == path.stat().st_size
 
 
-def test_a_cast_of_many_chunks_writes_each_where_it_belongs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("conversion", ["compiled", "numpy"])
+def test_a_cast_of_many_chunks_writes_each_where_it_belongs(tmp_path, monkeypatch, conversion):
     from layersplice.checkpoint import cast
 
+    if conversion == "numpy":
+        monkeypatch.setattr(cast, "native", lambda: None)
+    elif cast.native() is None:
+        pytest.skip("the compiled cast is not built here")
     monkeypatch.setattr(cast, "IO_ELEMENTS", 1000)  # many chunks in flight at once
     rng = np.random.default_rng(1)
     arrays = {"big": rng.standard_normal((97, 131)), "small": rng.standard_normal(3), "odd": rng.standard_normal((3, 1001))}
@@ -118,6 +123,58 @@ def test_a_cast_of_many_chunks_writes_each_where_it_belongs(tmp_path, monkeypatc
         expected = torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
         assert out[name] == expected, name
     assert written.blake3 == blake3_file(tmp_path / "out" / written.name)
+
+
+def test_the_digest_covers_copied_and_cast_ranges_of_one_shard(tmp_path, monkeypatch):
+    from layersplice.checkpoint import cast
+
+    monkeypatch.setattr(cast, "IO_ELEMENTS", 700)  # casts hashed from memory in many pieces
+    rng = np.random.default_rng(2)
+    arrays = {name: rng.standard_normal(n) for name, n in (("a", 3000), ("b", 10), ("c", 2049), ("d", 5))}
+    items = _safetensors(tmp_path / "source.safetensors", arrays)
+    mixed = [PlannedTensor(n, t.source, t.model, "BF16" if n in ("b", "c") else "F32") for n, t in items.items()]
+    [written] = _write(tmp_path / "out", mixed)
+    path = tmp_path / "out" / written.name
+    assert written.blake3 == blake3(path.read_bytes()).hexdigest()
+    out = _tensor_bytes(path)
+    assert out["a"] == _tensor_bytes(tmp_path / "source.safetensors")["a"]
+    assert out["c"] == torch.from_numpy(arrays["c"].astype(np.float32)).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+
+
+def test_the_digest_hands_back_every_buffer_even_after_an_error(tmp_path):
+    from layersplice.checkpoint.digest import TrailingDigest
+
+    path = tmp_path / "file"
+    path.write_bytes(bytes(range(10)))
+    returned: list[int] = []
+    digest = TrailingDigest(path)
+    digest.written(4, memoryview(b"\0\1\2"), lambda: returned.append(1))  # 3 bytes for a 4-byte range
+    digest.written(8, memoryview(b"\4\5\6\7"), lambda: returned.append(2))
+    with pytest.raises(ValueError, match="3 bytes handed over for the range 0..4"):
+        digest.finish()
+    assert returned == [1, 2]
+
+
+def test_a_failed_cast_write_puts_its_buffers_back_in_the_pool(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    from layersplice.checkpoint import cast
+
+    monkeypatch.setattr(cast, "IO_ELEMENTS", 500)
+    items = _safetensors(tmp_path / "source.safetensors", {"big": rng.standard_normal(20_000)}, cast="BF16")
+    pool = writer._cast_buffers("BF16", 500)
+    size = pool.qsize()
+    writes = []
+
+    def failing_pwrite(fd, data, offset):
+        writes.append(offset)
+        if len(writes) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return kernel.pwrite_all(fd, data, offset)
+
+    monkeypatch.setattr(writer, "pwrite_all", failing_pwrite)
+    with pytest.raises(OSError, match="No space left"):
+        _write(tmp_path / "out", list(items.values()))
+    assert pool.qsize() == size
 
 
 def _refusing(errno_code: int, calls: list):

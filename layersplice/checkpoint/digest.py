@@ -3,10 +3,12 @@
 sha256 through hashlib runs at ~0.45 GB/s on the 2-core machines layersplice
 targets, slower than the kernel copies a checkpoint; BLAKE3 runs at ~5 GB/s
 on one core there (bench/RESULTS.md). A thread follows the writer and hashes
-each range of the OUTPUT file as soon as it is complete, reading it back from
-the page cache 1 MiB at a time (a buffer that stays in the CPU cache while it
-is hashed; memory maps cost more in page faults), so the checksum covers the
-bytes really written and costs almost no time after the last one.
+each range of the OUTPUT file as soon as it is complete, so the checksum costs
+almost no time after the last byte. Ranges the kernel copied are read back
+from the page cache 1 MiB at a time (a buffer that stays in the CPU cache
+while it is hashed; memory maps cost more in page faults); ranges the writer
+wrote from its own memory (casts) are hashed from that memory, which the
+thread hands back when done.
 """
 
 from __future__ import annotations
@@ -54,21 +56,25 @@ class TrailingDigest:
     """BLAKE3 of a file written front to back, hashed by a thread that trails the writer.
 
     The writer calls `written(end)` whenever every byte before `end` is in the
-    file, then `finish()` for the digest; `close()` stops the thread early.
-    `then(fd, offset, length)` runs on the thread after each range is hashed.
+    file, or `written(end, data, release)` when the bytes that end at `end` were
+    written from `data` (the thread hashes `data`, then calls `release()`, even
+    after an error), then `finish()` for the digest; `close()` stops the thread
+    early. `then(fd, offset, length)` runs on the thread after each range is hashed.
     """
 
     def __init__(self, path: Path, then: RangeFn | None = None) -> None:
         self._fd = os.open(path, os.O_RDONLY)
         self._then = then
-        self._ends: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._ends: queue.SimpleQueue[tuple[int, memoryview | None, Callable[[], None] | None] | None] = (
+            queue.SimpleQueue()
+        )
         self._digest = blake3()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"blake3 {path.name}", daemon=True)
         self._thread.start()
 
-    def written(self, end: int) -> None:
-        self._ends.put(end)
+    def written(self, end: int, data: memoryview | None = None, release: Callable[[], None] | None = None) -> None:
+        self._ends.put((end, data, release))
 
     def finish(self) -> str:
         self.close()
@@ -88,13 +94,23 @@ class TrailingDigest:
         done = 0
         buffer = bytearray(READ_BYTES)
         try:
-            while (end := self._ends.get()) is not None:
-                if end > done:
-                    _hash_range(self._digest, self._fd, done, end, buffer)
-                    if self._then is not None:
-                        self._then(self._fd, done, end - done)
-                    done = end
+            while (step := self._ends.get()) is not None:
+                end, data, release = step
+                try:
+                    if data is not None:
+                        if len(data) != end - done:
+                            raise ValueError(f"{len(data)} bytes handed over for the range {done}..{end}")
+                        self._digest.update(data)
+                    elif end > done:
+                        _hash_range(self._digest, self._fd, done, end, buffer)
+                finally:
+                    if release is not None:
+                        release()
+                if end > done and self._then is not None:
+                    self._then(self._fd, done, end - done)
+                done = max(done, end)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the writer's thread by finish()
             self._error = exc
-            while self._ends.get() is not None:
-                pass
+            while (step := self._ends.get()) is not None:
+                if step[2] is not None:
+                    step[2]()

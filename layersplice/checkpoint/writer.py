@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import queue
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -232,31 +233,42 @@ def _cast_range(src: int, dst: int, item: WriteItem, dst_off: int, digest: Trail
 
     CAST_WORKERS threads read and convert chunks into buffers from a small
     pool; this thread writes them in order (two threads writing one file
-    would only spin on its lock) and tells the checksum thread.
+    would only spin on its lock) and hands them to the checksum thread, which
+    hashes them from memory and puts them back in the pool.
     """
     from layersplice.checkpoint.cast import IO_ELEMENTS
 
     info = item.source
     in_size, out_size = DTYPE_SIZES[info.dtype], DTYPE_SIZES[item.dtype]
-    free = _cast_buffers(item.dtype)
-    pending: deque[tuple[Future, object, int]] = deque()
+    pool = _cast_buffers(item.dtype, IO_ELEMENTS)
+    pending: deque[tuple[Future, bytearray, int]] = deque()
     end = dst_off
 
     def write_oldest() -> None:
         nonlocal end
         future, buffer, count = pending.popleft()
-        pwrite_all(dst, future.result(), end)
-        free.append(buffer)
+        try:
+            data = future.result()
+            pwrite_all(dst, data, end)
+        except BaseException:
+            pool.put(buffer)
+            raise
         end += count * out_size
-        digest.written(end)
+        digest.written(end, data, functools.partial(pool.put, buffer))
         progress(count * in_size)
+
+    def free_buffer() -> bytearray:
+        while pending:
+            try:
+                return pool.get_nowait()
+            except queue.Empty:
+                write_oldest()
+        return pool.get()  # the checksum thread hands buffers back as it hashes them
 
     try:
         for first in range(0, info.numel, IO_ELEMENTS):
-            if not free:
-                write_oldest()
             count = min(IO_ELEMENTS, info.numel - first)
-            buffer = free.pop()
+            buffer = free_buffer()
             future = _cast_pool().submit(_cast_chunk, src, info, item.dtype, info.start + first * in_size, count, buffer)
             pending.append((future, buffer, count))
         while pending:
@@ -266,17 +278,19 @@ def _cast_range(src: int, dst: int, item: WriteItem, dst_off: int, digest: Trail
         for future, _, _ in pending:
             future.cancel()
         wait([future for future, _, _ in pending])
-        free.extend(buffer for _, buffer, _ in pending)
+        for _, buffer, _ in pending:
+            pool.put(buffer)
     return end
 
 
 @functools.cache
-def _cast_buffers(dtype: str) -> list:
-    """The output buffers of casts to `dtype`, allocated once per process (fresh pages cost
-    a fault each) and lent to one cast range at a time."""
-    from layersplice.checkpoint.cast import output_buffer
-
-    return [output_buffer(dtype) for _ in range(2 * CAST_WORKERS)]
+def _cast_buffers(dtype: str, elements: int) -> queue.SimpleQueue[bytearray]:
+    """Buffers for `elements` of `dtype`, allocated once per process (fresh pages cost a
+    fault each): each one is lent to a cast chunk until the checksum thread has hashed it."""
+    pool: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    for _ in range(2 * CAST_WORKERS + 1):
+        pool.put(bytearray(elements * DTYPE_SIZES[dtype]))
+    return pool
 
 
 def _cast_chunk(src: int, info: TensorInfo, dtype: str, src_off: int, count: int, output) -> memoryview:
