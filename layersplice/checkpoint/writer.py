@@ -33,7 +33,7 @@ from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, PAGE_BYTES, T
 FORMAT_METADATA = {"format": "pt"}
 # Bytes per copier call, and so how closely the checksum thread follows.
 COPY_CHUNK = 16 << 20
-CAST_WORKERS = 2  # threads that read and convert cast chunks (numpy and I/O release the GIL)
+CAST_WORKERS = 2  # threads that read and convert cast chunks (conversion and I/O release the GIL)
 ProgressFn = Callable[[int], None]
 
 
