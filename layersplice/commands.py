@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -93,9 +92,9 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
 
 def _note_a_slow_cast(tensors: Iterable[PlannedTensor]) -> None:
     """Say so when an F32 -> BF16 cast runs on numpy because the compiled loop is missing."""
-    from layersplice.checkpoint.cast import native
+    from layersplice.checkpoint.cast import native, switched_off
 
-    if native() is not None or os.environ.get("LAYERSPLICE_NATIVE", "1") == "0":
+    if native() is not None or switched_off():
         return
     if any(t.source.dtype == "F32" and t.dtype == "BF16" for t in tensors):
         click.echo(

@@ -68,8 +68,7 @@ def load_recipe(path: Path) -> tuple[Recipe, Path]:
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
     try:
-        root = yaml.compose(text, Loader=schema.SafeLoader)
-        data = yaml.load(text, Loader=schema.SafeLoader)
+        root, data = schema.parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

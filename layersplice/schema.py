@@ -28,6 +28,16 @@ SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 Location = tuple[typing.Union[str, int], ...]
 
 
+def parse_yaml(text: str) -> tuple[yaml.Node | None, object]:
+    """The document's node tree (for line numbers) and its value, from one parse."""
+    loader = SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        return node, None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 class SchemaError(ValueError):
     """A value that does not fit the schema, at `path` (keys and list indices)."""
 

@@ -33,10 +33,15 @@ BF16_NAN = {"F16": 0x7FC0}
 BF16_NAN_DEFAULT = 0xFFFF
 
 
+def switched_off() -> bool:
+    """Whether the user asked for numpy casts (LAYERSPLICE_NATIVE=0)."""
+    return os.environ.get("LAYERSPLICE_NATIVE", "1") == "0"
+
+
 @functools.cache
 def native() -> ModuleType | None:
-    """The compiled conversion, or None where it was not built or LAYERSPLICE_NATIVE=0."""
-    if os.environ.get("LAYERSPLICE_NATIVE", "1") == "0":
+    """The compiled conversion, or None where it was not built or is switched off."""
+    if switched_off():
         return None
     try:
         from layersplice.checkpoint import _fastcast
@@ -64,7 +69,10 @@ class Cast:
         self.input = memoryview(bytearray(IO_ELEMENTS * self.in_size))  # for callers to read into
         compiled = native() if (src, dst) == ("F32", "BF16") else None
         self._compiled = compiled.f32_to_bf16 if compiled else None
-        self.is_native = compiled is not None
+
+    @property
+    def is_native(self) -> bool:
+        return self._compiled is not None
 
     def convert(self, source, output) -> memoryview:
         """`source` (a buffer of at most IO_ELEMENTS elements' bytes) converted into
