@@ -73,7 +73,7 @@ NO_FSYNC = (  # the CLI with its durability work (early writeback, fsync) made n
     "import layersplice.checkpoint.atomic as atomic, layersplice.checkpoint.writer as writer\n"
     "atomic.fsync_tree = atomic._fsync_dir = lambda path: None\n"
     "writer.start_writeback = lambda fd, offset, length: None\n"
-    "from layersplice.cli import main\n"
+    "from layersplice.cli.main import main\n"
     "main()\n"
 )
 

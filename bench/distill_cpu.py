@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from layersplice.alignment import Alignment, read_student_config
-from layersplice.cli import cli
-from layersplice.distill.config import DataSpec, DistillConfig
+from layersplice.cli.main import cli
 from layersplice.distill import loop
+from layersplice.distill.config import DataSpec, DistillConfig
+from layersplice.planning.alignment import Alignment, read_student_config
 
 WARMUP_STEPS = 2
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from layersplice.evaluate import EvalRequest, evaluate_family, load_tokenizer
-from layersplice.in_memory import LoadedPair
-from layersplice.job import open_job
-from layersplice.kl_order import calibration_text, choose_kl_order
-from layersplice.stdlib_text import CALIBRATION_MODULES, HELD_OUT_MODULES, write_documents
+from layersplice.evaluation.in_memory import LoadedPair
+from layersplice.evaluation.kl_order import calibration_text, choose_kl_order
+from layersplice.evaluation.perplexity import EvalRequest, evaluate_family, load_tokenizer
+from layersplice.evaluation.stdlib_text import CALIBRATION_MODULES, HELD_OUT_MODULES, write_documents
+from layersplice.planning.job import open_job
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from layersplice.alignment import Alignment, copied_from_rule
 from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, encode_header
+from layersplice.planning.alignment import Alignment, copied_from_rule
 
 INDEX_NAME = "model.safetensors.index.json"
 FORMAT = {"format": "pt"}

@@ -1,3 +1,3 @@
-from layersplice.cli import main
+from layersplice.cli.main import main
 
 main()

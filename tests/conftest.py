@@ -195,7 +195,7 @@ def build() -> Callable[..., Path]:
     """Run `layersplice build` in-process for a pair; fail the test with the CLI's output."""
 
     def run(pair: Pair, out: Path, *options: str) -> Path:
-        from layersplice.cli import cli
+        from layersplice.cli.main import cli
 
         args = ["build", "--teacher", str(pair.teacher_dir), "--student", str(pair.student_dir),
                 "--out", str(out), *options]

@@ -1,6 +1,6 @@
 """Text and a tokenizer for evaluating the tiny random pairs of conftest.py offline.
 
-The text is docstrings of standard-library modules (layersplice.stdlib_text);
+The text is docstrings of standard-library modules (layersplice.evaluation.stdlib_text);
 the tokenizer is a small BPE trained on it with the pairs' vocabulary size.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import VOCAB
 
-from layersplice.stdlib_text import HELD_OUT_MODULES, module_docstrings, write_documents
+from layersplice.evaluation.stdlib_text import HELD_OUT_MODULES, module_docstrings, write_documents
 
 TEXT_MODULES = HELD_OUT_MODULES[:4]
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from layersplice.alignment import Alignment, copied_from_rule
-from layersplice.blocks import by_keep, by_layers, by_patch, size_of
 from layersplice.errors import AlignmentError, LayerspliceError
+from layersplice.planning.alignment import Alignment, copied_from_rule
+from layersplice.planning.blocks import by_keep, by_layers, by_patch, size_of
 
 
 @pytest.mark.parametrize(

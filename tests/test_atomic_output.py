@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from blake3 import blake3
-
 from conftest import ALIGNMENTS
+
 from layersplice.checkpoint.sealed_json import read_sealed, seal
 
 HIDDEN, INTER, VOCAB = 1024, 4096, 8192
@@ -158,7 +158,7 @@ def built(tmp_path, checkpoints):
 def test_verify_catches_a_flipped_byte_anywhere(built):
     from click.testing import CliRunner
 
-    from layersplice.cli import cli
+    from layersplice.cli.main import cli
 
     rng = random.Random(0)
     files = sorted(p for p in built.iterdir() if p.is_file())

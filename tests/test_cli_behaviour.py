@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ALIGNMENTS
 
 LAYERSPLICE = [sys.executable, "-m", "layersplice"]
@@ -90,9 +89,9 @@ def test_recipe_value_of_the_wrong_type_names_its_line(tmp_path):
 def test_help_lists_torch_commands_without_importing_torch():
     from click.testing import CliRunner
 
-    from layersplice.cli import LayerspliceGroup, cli
+    from layersplice.cli.main import LayerspliceGroup, cli
 
-    script = "import sys\nfrom layersplice.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)\n"
+    script = "import sys\nfrom layersplice.cli.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)\n"
     done = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True)
     assert done.stdout.strip().splitlines()[-1] == "False"
     assert any(line.split()[:3] == ["distill", "Distill", "a"] for line in done.stdout.splitlines() if line.strip())

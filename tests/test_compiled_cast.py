@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ALIGNMENTS
+
 from layersplice.checkpoint import cast
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +94,7 @@ def _build(pair, out: Path, env: dict[str, str], script: str = "") -> subprocess
     code = (
         "import sys\n"
         f"{script}\n"
-        "from layersplice.cli import main\n"
+        "from layersplice.cli.main import main\n"
         "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
         "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))\n"
     )

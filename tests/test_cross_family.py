@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from safetensors_files import tensors_as_bytes
 from splice_reference import kept_blocks_patched, splice_across
 
-from layersplice.cli import cli
+from layersplice.cli.main import cli
 
 DISTILBERT_FROM_BERT = (0, 2, 4, 7, 9, 11)
 ALIGN = ("--copied-teacher-layers", ",".join(map(str, DISTILBERT_FROM_BERT)))

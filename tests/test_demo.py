@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from eval_support import one_torch_thread  # noqa: F401 - restores the thread count the demo sets
 from PIL import Image
 
-from layersplice.cli import cli
-from layersplice.plot import DPI, FIGURE_INCHES
+from layersplice.cli.main import cli
+from layersplice.evaluation.plot import DPI, FIGURE_INCHES
 
 DEMO_SECONDS = 120
 

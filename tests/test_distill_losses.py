@@ -12,13 +12,13 @@ import transformers
 from test_distill_support import make_pair
 from transformers import AutoModelForCausalLM
 
-from layersplice.alignment import Alignment, copied_from_rule
 from layersplice.distill.config import DataSpec, DistillConfig
 from layersplice.distill.data import Batch
 from layersplice.distill.loop import forward_and_loss
 from layersplice.distill.losses import LossWeights, aligned_hidden_states
 from layersplice.distill.models import load_models
 from layersplice.distill.parallel import World
+from layersplice.planning.alignment import Alignment, copied_from_rule
 
 SMALL = dict(vocab_size=64, num_hidden_layers=3, num_attention_heads=4)
 HIDDEN_STATE_FAMILIES = {

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from layersplice.cli import cli
+from layersplice.cli.main import cli
 
 WORDS = (
     "the teacher student layer block copy keeps cuts aligns hidden state loss cosine "

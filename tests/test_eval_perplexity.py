@@ -14,11 +14,11 @@ from eval_support import eval_pair, one_torch_thread  # noqa: F401 - fixtures
 from PIL import Image
 from splice_reference import assemble, load_causal_lm, logits
 
-from layersplice.cli import cli
-from layersplice.evaluate import load_text, load_tokenizer, negative_log_likelihood
-from layersplice.in_memory import LoadedPair
-from layersplice.job import open_job
-from layersplice.plot import DPI, FIGURE_INCHES
+from layersplice.cli.main import cli
+from layersplice.evaluation.in_memory import LoadedPair
+from layersplice.evaluation.perplexity import load_text, load_tokenizer, negative_log_likelihood
+from layersplice.evaluation.plot import DPI, FIGURE_INCHES
+from layersplice.planning.job import open_job
 
 CPU = torch.device("cpu")
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from eval_support import eval_pair, one_torch_thread  # noqa: F401 - fixtures
 from PIL import Image
 
-from layersplice.cli import cli
+from layersplice.cli.main import cli
 
 pytest.importorskip("lm_eval", reason="the optional extra: pip install 'layersplice[eval]'")
 pytest.importorskip("accelerate", reason="the optional extra: pip install 'layersplice[eval]'")

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import ALIGNMENTS
-from layersplice.architectures import load_description
-from layersplice.cli import cli
 from safetensors_files import tensors_as_bytes
+
+from layersplice.architectures import load_description
+from layersplice.cli.main import cli
 
 
 def _rename_family(src, dst, model_type):

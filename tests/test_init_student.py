@@ -6,11 +6,11 @@ import json
 
 import torch
 from click.testing import CliRunner
+from conftest import ALIGNMENTS
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import ALIGNMENTS
-from layersplice.cli import cli
+from layersplice.cli.main import cli
 
 
 def _tensors(directory):

@@ -10,11 +10,11 @@ import torch
 from click.testing import CliRunner
 from eval_support import eval_pair, one_torch_thread  # noqa: F401 - fixtures
 
-from layersplice.cli import cli
-from layersplice.evaluate import load_text, load_tokenizer
-from layersplice.in_memory import LoadedPair
-from layersplice.job import open_job
-from layersplice.kl_order import budget_mean_kl, choose_kl_order, kl_to_teacher
+from layersplice.cli.main import cli
+from layersplice.evaluation.in_memory import LoadedPair
+from layersplice.evaluation.kl_order import budget_mean_kl, choose_kl_order, kl_to_teacher
+from layersplice.evaluation.perplexity import load_text, load_tokenizer
+from layersplice.planning.job import open_job
 
 CPU = torch.device("cpu")
 ORDERS = ("greedy", "first", "last")

@@ -6,15 +6,15 @@ from __future__ import annotations
 from itertools import chain, combinations
 
 import pytest
+from conftest import ALIGNMENTS
 from hypothesis import given
 from hypothesis import strategies as st
 from test_properties import _fake_llama, alignments
 
-from conftest import ALIGNMENTS
-from layersplice.alignment import AlignmentSpec
 from layersplice.architectures.layout import layout_of
-from layersplice.job import open_job
-from layersplice.plan import STUDENT, TEACHER, SizeTable, check_pair, make_plan
+from layersplice.planning.alignment import AlignmentSpec
+from layersplice.planning.job import open_job
+from layersplice.planning.plan import STUDENT, TEACHER, SizeTable, check_pair, make_plan
 
 
 def _agree(pair, patched: frozenset[int], cast: str | None, table: SizeTable) -> None:

@@ -14,13 +14,13 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from layersplice.alignment import Alignment
 from layersplice.architectures.layout import layout_of
-from layersplice.blocks import size_of
 from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, TensorInfo, parse_header
 from layersplice.checkpoint.source import Checkpoint
 from layersplice.errors import CheckpointError, LayerspliceError
-from layersplice.plan import STUDENT, TEACHER, check_pair, make_plan
+from layersplice.planning.alignment import Alignment
+from layersplice.planning.blocks import size_of
+from layersplice.planning.plan import STUDENT, TEACHER, check_pair, make_plan
 
 FAKE = Path("/nonexistent/model.safetensors")
 
@@ -146,7 +146,7 @@ def test_plan_of_any_subset_is_a_consistent_model(alignment, data):
 
 @given(alignments(), st.lists(st.integers(-2, 45), max_size=5))
 def test_bad_block_choices_raise_user_errors_only(alignment, blocks):
-    from layersplice.blocks import by_blocks, by_keep, by_layers, by_patch
+    from layersplice.planning.blocks import by_blocks, by_keep, by_layers, by_patch
 
     for call in (lambda: by_blocks(alignment, tuple(blocks)),
                  lambda: by_keep(alignment, blocks[0] if blocks else 0, "last"),

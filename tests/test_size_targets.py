@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from layersplice.cli import cli
+from layersplice.cli.main import cli
 from layersplice.units import parse_params
 
 ARCH, COPIED = "llama", (0, 2, 4, 5)

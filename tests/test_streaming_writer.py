@@ -22,7 +22,7 @@ from layersplice.checkpoint.cast import CHUNK_ELEMENTS, IO_ELEMENTS, Cast
 from layersplice.checkpoint.digest import blake3_file
 from layersplice.checkpoint.safetensors_format import read_header
 from layersplice.checkpoint.writer import SourceFiles, write_shards
-from layersplice.plan import PlannedTensor
+from layersplice.planning.plan import PlannedTensor
 
 TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -208,9 +208,9 @@ def test_a_write_error_is_raised_not_retried_another_way(tmp_path, three_tensors
 
 def test_build_all_checksums_are_blake3_and_sources_are_opened_once(tmp_path, checkpoints, monkeypatch):
     from click.testing import CliRunner
-
     from conftest import ALIGNMENTS
-    from layersplice.cli import cli
+
+    from layersplice.cli.main import cli
 
     pair = checkpoints("llama", ALIGNMENTS["1-2-2"])
     source_dirs = (str(pair.teacher_dir), str(pair.student_dir))
@@ -246,7 +246,7 @@ def test_build_without_a_cast_imports_neither_torch_nor_numpy(tmp_path, checkpoi
     pair = checkpoints("llama", ALIGNMENTS["1-2-2"])
     script = (
         "import sys\n"
-        "from layersplice.cli import main\n"
+        "from layersplice.cli.main import main\n"
         "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
         "print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))\n"
     )

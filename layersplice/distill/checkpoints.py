@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from layersplice.alignment import STUDENT_CONFIG_NAME
 from layersplice.checkpoint.source import SIDE_FILES
 from layersplice.distill import parallel
 from layersplice.distill.config import DistillConfig, DistillError
 from layersplice.distill.parallel import World
 from layersplice.errors import OutputError
+from layersplice.planning.alignment import STUDENT_CONFIG_NAME
 
 CHECKPOINT_DIR = "checkpoints"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from layersplice.alignment import Alignment
+from layersplice.planning.alignment import Alignment
 
 
 @dataclass(frozen=True)

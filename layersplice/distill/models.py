@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from layersplice.alignment import STUDENT_CONFIG_NAME, Alignment, read_student_config
 from layersplice.distill.config import DataError, DistillConfig, DistillError, first_line
 from layersplice.distill.losses import aligned_hidden_states
 from layersplice.distill.parallel import World, place
 from layersplice.errors import AlignmentError, CheckpointError
+from layersplice.planning.alignment import STUDENT_CONFIG_NAME, Alignment, read_student_config
 
 
 @dataclass

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from layersplice.blocks import Order
 from layersplice.errors import LayerspliceError
-from layersplice.evaluate import EvalRequest, FamilyModels, by_size, family_models, load_tokenizer, role_of
-from layersplice.job import Job
+from layersplice.evaluation.perplexity import EvalRequest, FamilyModels, by_size, family_models, load_tokenizer, role_of
+from layersplice.planning.blocks import Order
+from layersplice.planning.job import Job
 
 # The harness reports "metric,filter" keys (e.g. "acc,none") beside bookkeeping such as sample_len.
 STDERR_SUFFIX = "_stderr"

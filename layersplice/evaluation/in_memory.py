@@ -15,10 +15,11 @@ from safetensors import safe_open
 
 from layersplice.checkpoint.safetensors_format import FLOAT_DTYPES
 from layersplice.checkpoint.torch_dtypes import TORCH_DTYPES
-from layersplice.configs import spliced_config, transformers_config
 from layersplice.errors import ArchitectureError, LayerspliceError
-from layersplice.job import Job
-from layersplice.plan import Plan, make_plan, pruned_teacher_plan
+from layersplice.planning.configs import spliced_config, transformers_config
+from layersplice.planning.job import Job
+from layersplice.planning.plan import Plan, make_plan, pruned_teacher_plan
+
 
 def pick_device(name: str) -> torch.device:
     """'auto' is the GPU when there is one, else the CPU."""

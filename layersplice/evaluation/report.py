@@ -9,8 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from layersplice.evaluate import INTERPOLATED_ROLE, STUDENT_ROLE, TEACHER_ROLE, SizeResult
-from layersplice.plot import Curve, plot_family
+from layersplice.evaluation.perplexity import INTERPOLATED_ROLE, STUDENT_ROLE, TEACHER_ROLE, SizeResult
+from layersplice.evaluation.plot import Curve, plot_family
 from layersplice.units import format_params
 
 PERPLEXITY_FILES = ("eval.json", "eval.csv", "eval.png")
@@ -112,7 +112,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def write_task_report(out: Path, results: list, meta: dict) -> dict[str, Path]:
     """tasks.json, tasks.csv and tasks.png (each task's accuracy against parameters)."""
-    from layersplice.lm_tasks import headline_metric
+    from layersplice.evaluation.lm_tasks import headline_metric
 
     paths = dict(zip(("json", "csv", "png"), (out / name for name in TASK_FILES)))
     base = [{"role": r.role, "layers": r.layers, "parameters": r.parameters, "keep": r.keep} for r in results]
@@ -134,7 +134,7 @@ def write_task_report(out: Path, results: list, meta: dict) -> dict[str, Path]:
 
 
 def task_table(console: Console, results: list, title: str) -> None:
-    from layersplice.lm_tasks import headline_metric
+    from layersplice.evaluation.lm_tasks import headline_metric
 
     table = Table(title=title)
     tasks = list(results[0].scores)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from layersplice.alignment import Alignment, AlignmentSpec
 from layersplice.architectures.layout import layout_of
 from layersplice.checkpoint.source import Checkpoint, open_checkpoint
 from layersplice.errors import LayerspliceError
-from layersplice.job import open_job
-from layersplice.plan import TEACHER, PlannedTensor, make_plan, student_init_plan
+from layersplice.planning.alignment import Alignment, AlignmentSpec
+from layersplice.planning.job import open_job
+from layersplice.planning.plan import TEACHER, PlannedTensor, make_plan, student_init_plan
 
 CHUNK = 16 << 20
 

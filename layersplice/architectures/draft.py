@@ -1,4 +1,4 @@
-"""`layersplice describe PATH`: a family description file for a checkpoint's family.
+"""A family description file for a checkpoint's family (`layersplice describe`).
 
 For a family layersplice infers from tensor names, the draft spells out what
 inference found, in the schema of layersplice/architectures/__init__.py, so it
@@ -10,14 +10,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import click
 import yaml
 
 from layersplice import schema
 from layersplice.architectures import DESCRIPTION_DIR, Description
 from layersplice.architectures.layout import Layout
 from layersplice.checkpoint.source import Checkpoint
-from layersplice.job import single_layout
 
 INFERRED_SUFFIX = " (inferred)"
 
@@ -64,28 +62,3 @@ def draft_text(checkpoint: Checkpoint, layout: Layout) -> str:
         "# entry per layer. Use it with --arch FILE, or add it to layersplice/architectures/.\n"
     )
     return header + yaml.safe_dump(draft, sort_keys=False, width=100)
-
-
-@click.command("describe")
-@click.argument("path")
-@click.option("--revision", help="Hub revision when PATH is a repo id.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the YAML to this file instead of printing it.")
-def describe_command(path: str, revision: str | None, out: Path | None) -> None:
-    """Print a family description (YAML) for the model at PATH.
-
-    For a family layersplice does not describe but infers from `<prefix>.<i>.`
-    tensor names, this is a draft to check and pass with --arch FILE. For a
-    described family it prints the built-in description.
-
-    \b
-    Examples:
-      layersplice describe ./my-model > my_family.yaml
-      layersplice build --teacher T --student S --arch my_family.yaml --keep 4 --out mid
-    """
-    checkpoint, layout = single_layout(path, revision)
-    text = draft_text(checkpoint, layout)
-    if out is None:
-        click.echo(text, nl=False)
-    else:
-        out.write_text(text)
-        click.echo(f"wrote {out}")

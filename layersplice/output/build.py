@@ -9,19 +9,19 @@ from pathlib import Path
 from typing import Callable
 
 from layersplice import __version__
-from layersplice.alignment import STUDENT_CONFIG_NAME, Alignment
 from layersplice.architectures.layout import Layout
-from layersplice.blocks import Order, by_layers, keep_sequence, size_of
 from layersplice.checkpoint.atomic import atomic_directory
+from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.checkpoint.sealed_json import read_sealed, write_sealed
 from layersplice.checkpoint.source import INDEX_FILE, SIDE_FILES, Checkpoint
-from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.checkpoint.writer import ProgressFn, SourceFiles, WrittenFile, write_shards
-from layersplice.configs import spliced_config
-from layersplice.job import Job
-from layersplice.verify import MANIFEST_FILE, PROVENANCE_FILE, VerifyError, check_files
-from layersplice.plan import TEACHER, Plan, make_plan, student_init_plan
-
+from layersplice.output.verify import MANIFEST_FILE, PROVENANCE_FILE, VerifyError, check_files
+from layersplice.planning.alignment import STUDENT_CONFIG_NAME, Alignment
+from layersplice.planning.blocks import Order
+from layersplice.planning.configs import spliced_config
+from layersplice.planning.job import Job
+from layersplice.planning.plan import TEACHER, Plan, student_init_plan
+from layersplice.planning.sizes import all_plans
 
 
 @dataclass(frozen=True)
@@ -103,18 +103,6 @@ def build_one(job: Job, plan: Plan, out: Path, choice: dict, shard_size: int, fo
 
 def size_name(name: str, plan: Plan) -> str:
     return f"{name}-{plan.n_layers}L"
-
-
-def all_plans(job: Job, order: Order) -> list[tuple[int | None, Plan]]:
-    """(keep, plan) for every distinct size along the order, each chosen as --layers chooses it."""
-    alignment = job.pair.alignment
-    keep_of = {patched: keep for keep, patched in keep_sequence(alignment, order)}
-    sizes = sorted({size_of(alignment, patched) for patched in keep_of})
-    plans = []
-    for layers in sizes:
-        patched = by_layers(alignment, layers, order)
-        plans.append((keep_of.get(patched), make_plan(job.pair, patched, job.cast)))
-    return plans
 
 
 def build_all(

@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from layersplice.alignment import Alignment
 from layersplice.architectures.layout import Layout
 from layersplice.architectures.names import NameMap, Parts, canonical_rows, parts_shape, translate
 from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
 from layersplice.errors import AlignmentError, ArchitectureError
+from layersplice.planning.alignment import Alignment
 
 TEACHER, STUDENT = "teacher", "student"
 

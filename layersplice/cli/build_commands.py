@@ -1,8 +1,7 @@
-"""build, plan and inspect."""
+"""build and init-student: the commands that write checkpoints."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -10,19 +9,25 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-from layersplice import display
-from layersplice.alignment import AlignmentSpec, resolve_alignment
-from layersplice.build import all_plans, build_all, build_one, init_student
-from layersplice.cli import (
-    DTYPE_CHOICES, Sources, alignment_specs, allow_pickle_option, announce_target, choice_options, choose, cli,
-    source_options, target_options, with_sources,
+from layersplice.cli import display
+from layersplice.cli.options import (
+    DTYPE_CHOICES,
+    Sources,
+    alignment_specs,
+    allow_pickle_option,
+    choice_options,
+    choose,
+    source_options,
+    with_sources,
 )
 from layersplice.errors import LayerspliceError
-from layersplice.job import single_layout
-from layersplice.plan import PlannedTensor, make_plan, student_init_plan
-from layersplice.recipe import load_recipe, model_reference
-from layersplice.units import format_bytes, parse_bytes
-from layersplice.verify import verify_path
+from layersplice.output.build import build_all, build_one, init_student
+from layersplice.planning.alignment import AlignmentSpec, resolve_alignment
+from layersplice.planning.job import single_layout
+from layersplice.planning.plan import PlannedTensor, make_plan, student_init_plan
+from layersplice.planning.recipe import load_recipe, model_reference
+from layersplice.planning.sizes import all_plans
+from layersplice.units import parse_bytes
 
 console = Console()
 
@@ -34,7 +39,7 @@ def _progress() -> Progress:
     )
 
 
-@cli.command()
+@click.command()
 @source_options
 @choice_options
 @click.option("--all", "all_sizes", is_flag=True, help="Write every size to OUT/<name>-<layers>L/ plus OUT/manifest.json.")
@@ -104,58 +109,7 @@ def _note_a_slow_cast(tensors: Iterable[PlannedTensor]) -> None:
         )
 
 
-@cli.command()
-@source_options
-@target_options
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@with_sources
-def plan(sources: Sources, params, max_bytes, as_json: bool) -> None:
-    """Show every reachable size before writing anything.
-
-    One row per --keep value from the student down to the teacher: layers,
-    parameters, bytes on disk and the teacher blocks used.
-
-    With --params or --max-bytes it also names the one size that request picks.
-
-    \b
-    Examples:
-      layersplice plan --recipe recipes/tiny.yaml
-      layersplice plan --recipe recipes/qwen3.yaml --max-bytes 6GiB
-    """
-    job = sources.job
-    rows = display.plan_rows(job, sources.order)
-    target = announce_target(sources, params, max_bytes) if params or max_bytes else None
-    if as_json:
-        data = {**display.plan_json(job, sources.order, rows), **sources.order_record}
-        if target is not None:
-            data["chosen"] = {"keep": target.keep, "layers": target.plan.n_layers, "parameters": target.plan.params,
-                              "bytes": target.plan.nbytes, "reason": target.reason}
-        click.echo(json.dumps(data, indent=2))
-    else:
-        display.plan_table(console, job, sources.order, rows)
-
-
-@cli.command()
-@click.argument("path")
-@click.option("--revision", help="Hub revision when PATH is a repo id.")
-@click.option("--arch", "arch_file", type=click.Path(dir_okay=False, path_type=Path), help="Family description YAML for an unknown model.")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-@allow_pickle_option
-def inspect(path: str, revision, arch_file, as_json: bool, allow_pickle: bool) -> None:
-    """Show a checkpoint: family, layers, parameters, dtypes, shards, alignment.
-
-    PATH is a local model directory or a Hugging Face repo id.
-    """
-    checkpoint, layout = single_layout(path, revision, arch_file, allow_pickle)
-    info = display.inspect_info(checkpoint, layout)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-    else:
-        display.inspect_table(console, info)
-
-
-
-@cli.command("init-student")
+@click.command("init-student")
 @click.option("--teacher", help="Teacher: local directory or Hugging Face repo id.")
 @click.option("--revision", help="Hub revision of the teacher.")
 @click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), help="Take the teacher and alignment from a recipe.")
@@ -199,32 +153,3 @@ def init_student_command(teacher, revision, recipe, first, every, last, copied_t
         result = init_student(checkpoint, layout, alignment, origin, out, cast, parse_bytes(shard_size), force, lambda n: progress.advance(task, n))
     console.print(f"student of teacher layers {','.join(map(str, alignment.copied))} ({origin})")
     display.built_table(console, [result], out)
-
-
-@cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("--against-sources", is_flag=True, help="Also compare every tensor with the teacher or student bytes it came from.")
-def verify(path: Path, against_sources: bool) -> None:
-    """Check an output's integrity; exit 0 only if every check passes.
-
-    Re-reads PATH (a build output or a `build --all` directory): the sealed
-    layersplice.json / manifest.json, the checksum of every file, every
-    safetensors header, the index, and the config against the tensors. A
-    single flipped byte anywhere fails. The first problem is named and the
-    exit code is 2.
-
-    \b
-    Examples:
-      layersplice verify out/tiny-5L
-      layersplice verify sizes/ --against-sources
-    """
-    result = verify_path(path, against_sources)
-    console.print(
-        f"[green]ok[/]: {len(result.directories)} model(s), {result.files} files, "
-        f"{format_bytes(result.bytes)} verified{' against sources' if against_sources else ''}"
-    )
-
-from layersplice import eval_commands  # noqa: E402,F401 - registers eval and demo on `cli`
-from layersplice.describe import describe_command  # noqa: E402
-
-cli.add_command(describe_command)

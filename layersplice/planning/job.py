@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from layersplice.alignment import AlignmentSpec, read_student_config, resolve_alignment
 from layersplice.architectures.layout import Layout, layout_of
 from layersplice.checkpoint.source import Checkpoint, open_checkpoint
-from layersplice.plan import STUDENT, TEACHER, Pair, check_pair
+from layersplice.planning.alignment import AlignmentSpec, read_student_config, resolve_alignment
+from layersplice.planning.plan import STUDENT, TEACHER, Pair, check_pair
 
 
 @dataclass(frozen=True)

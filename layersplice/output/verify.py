@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 from layersplice.architectures.layout import layout_of
+from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.checkpoint.sealed_json import read_sealed
 from layersplice.checkpoint.source import open_checkpoint
-from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.errors import LayerspliceError
 
 PROVENANCE_FILE = "layersplice.json"
@@ -96,7 +96,7 @@ def check_model_dir(directory: Path, against_sources: bool = False) -> tuple[int
             f"{directory}: {PROVENANCE_FILE} records {len(layers)} layers but the weights hold {layout.n_layers}"
         )
     if against_sources:
-        from layersplice.verify_sources import check_against_sources
+        from layersplice.output.verify_sources import check_against_sources
 
         check_against_sources(directory, provenance, checkpoint)
     return count, size

@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 import warnings
 
-from layersplice.errors import ArchitectureError
 from layersplice.architectures.layout import Layout
-from layersplice.plan import Plan
+from layersplice.errors import ArchitectureError
+from layersplice.planning.plan import Plan
 
 TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 

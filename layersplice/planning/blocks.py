@@ -6,8 +6,8 @@ layer i. Patch order 'last' walks blocks from the end, 'first' from the start.
 
 from __future__ import annotations
 
-from layersplice.alignment import Alignment
 from layersplice.errors import LayerspliceError
+from layersplice.planning.alignment import Alignment
 
 ORDERS = ("last", "first", "kl")
 # "last", "first", or the blocks themselves in the order they are patched

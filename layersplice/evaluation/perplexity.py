@@ -14,18 +14,18 @@ from pathlib import Path
 
 import torch
 
-from layersplice.blocks import Order
 from layersplice.checkpoint.sealed_json import read_sealed
 from layersplice.distill.config import DataSpec
 from layersplice.distill.data import Batch, eos_tokenizer, pack_padded, token_documents
 from layersplice.distill.losses import cross_entropy_loss
 from layersplice.distill.sources import open_corpus
 from layersplice.errors import LayerspliceError
-from layersplice.in_memory import LoadedPair, compute_dtype, pick_device
-from layersplice.job import Job
-from layersplice.plan import Plan
-from layersplice.sizes import family_sizes
-from layersplice.verify import MANIFEST_FILE
+from layersplice.evaluation.in_memory import LoadedPair, compute_dtype, pick_device
+from layersplice.output.verify import MANIFEST_FILE
+from layersplice.planning.blocks import Order
+from layersplice.planning.job import Job
+from layersplice.planning.plan import Plan
+from layersplice.planning.sizes import family_sizes
 
 STUDENT_ROLE, INTERPOLATED_ROLE, TEACHER_ROLE = "student", "interpolated", "teacher"
 

@@ -5,13 +5,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from layersplice.alignment import parse_layer_list
-from layersplice.blocks import Order, by_keep
-from layersplice.build import all_plans
 from layersplice.errors import LayerspliceError
-from layersplice.job import Job
-from layersplice.plan import Plan, make_plan
+from layersplice.planning.alignment import parse_layer_list
+from layersplice.planning.blocks import Order, by_keep, by_layers, keep_sequence, size_of
+from layersplice.planning.job import Job
+from layersplice.planning.plan import Plan, make_plan
 from layersplice.units import format_bytes, format_params, parse_bytes, parse_params
+
+
+def all_plans(job: Job, order: Order) -> list[tuple[int | None, Plan]]:
+    """(keep, plan) for every distinct size along the order, each chosen as --layers chooses it."""
+    alignment = job.pair.alignment
+    keep_of = {patched: keep for keep, patched in keep_sequence(alignment, order)}
+    sizes = sorted({size_of(alignment, patched) for patched in keep_of})
+    plans = []
+    for layers in sizes:
+        patched = by_layers(alignment, layers, order)
+        plans.append((keep_of.get(patched), make_plan(job.pair, patched, job.cast)))
+    return plans
 
 
 def family_sizes(job: Job, order: Order, sizes: str) -> list[tuple[int | None, Plan]]:

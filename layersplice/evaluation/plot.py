@@ -23,7 +23,6 @@ def plot_family(path: Path, curves: list[Curve], student: tuple[int, float], tea
     """Write the curves, with the student and the teacher marked, as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
     from matplotlib.ticker import ScalarFormatter
 
     figure = Figure(figsize=FIGURE_INCHES, dpi=DPI)

@@ -10,12 +10,12 @@ from rich.table import Table
 from rich.text import Text
 
 from layersplice import __version__
-from layersplice.alignment import read_student_config
 from layersplice.architectures.layout import Layout
-from layersplice.blocks import by_patch, keep_sequence, multi_layer_blocks
 from layersplice.checkpoint.source import Checkpoint
-from layersplice.job import Job
-from layersplice.plan import PlanSize, SizeTable
+from layersplice.planning.alignment import read_student_config
+from layersplice.planning.blocks import by_patch, keep_sequence, multi_layer_blocks
+from layersplice.planning.job import Job
+from layersplice.planning.plan import PlanSize, SizeTable
 from layersplice.units import format_bytes, format_params
 
 

@@ -1,111 +1,30 @@
-"""The command-line edge: parse, call, print. User errors are caught once, here."""
+"""Options shared by the commands, and what they resolve to.
+
+The teacher, the student, the alignment, the dtype and the patch order
+(last, first, a recorded order or KL on calibration text) become one
+`Sources`; the size options become the set of patched blocks.
+"""
 
 from __future__ import annotations
 
 import functools
-import importlib
-import signal
-import traceback
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 from rich.console import Console
 
-from layersplice import __version__
-from layersplice.alignment import AlignmentSpec, parse_layer_list
-from layersplice.blocks import ORDERS, Order, by_blocks, by_keep, by_layers, by_patch
-from layersplice.errors import EXIT_INTERNAL, LayerspliceError
-from layersplice.job import Job, open_job
-from layersplice.order_choice import resolve_order
-from layersplice.recipe import Recipe, load_recipe, model_reference
-from layersplice.sizes import describe_target, pick_target
+from layersplice.errors import LayerspliceError
+from layersplice.planning.alignment import AlignmentSpec, parse_layer_list
+from layersplice.planning.blocks import ORDERS, Order, by_blocks, by_keep, by_layers, by_patch, patch_order
+from layersplice.planning.job import Job, open_job
+from layersplice.planning.recipe import Recipe, load_recipe, model_reference
+from layersplice.planning.sizes import describe_target, pick_target
 from layersplice.units import parse_bytes
 
 err_console = Console(stderr=True)
 DTYPE_CHOICES = {"fp32": "F32", "float32": "F32", "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16"}
-
-
-class LayerspliceGroup(click.Group):
-    """Turns LayerspliceError into one line and exit 2; anything else is internal (exit 1).
-
-    Commands that need torch at import time are loaded only when called, so
-    that `build` and friends start fast and small, and `--help` lists them by
-    the summary kept here (importing torch for it took ~1.3 s).
-    """
-
-    lazy_commands = {
-        "distill": ("layersplice.distill.command:distill_command",
-                    "Distill a student from its teacher (CE + KL + hidden-state cosine)."),
-    }
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *self.lazy_commands])
-
-    def get_command(self, ctx: click.Context, name: str):
-        if name in self.lazy_commands and name not in self.commands:
-            if not ctx.resilient_parsing:  # listing for --help; shell completion needs the options
-                return click.Command(name, help=self.lazy_commands[name][1])
-            self._load(name)
-        return super().get_command(ctx, name)
-
-    def resolve_command(self, ctx: click.Context, args: list[str]):
-        if args and args[0] in self.lazy_commands and args[0] not in self.commands:
-            self._load(args[0])
-        return super().resolve_command(ctx, args)
-
-    def _load(self, name: str) -> None:
-        module, _, attribute = self.lazy_commands[name][0].partition(":")
-        self.add_command(getattr(importlib.import_module(module), attribute), name)
-
-    def invoke(self, ctx: click.Context):
-        debug = bool(ctx.params.get("debug"))
-        try:
-            return super().invoke(ctx)
-        except LayerspliceError as exc:
-            if debug:
-                traceback.print_exc()
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            ctx.exit(exc.exit_code)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
-            raise
-        except KeyboardInterrupt:
-            err_console.print("interrupted")
-            ctx.exit(130)
-        except Exception as exc:  # noqa: BLE001 - the one place internal errors are reported
-            if debug:
-                traceback.print_exc()
-            err_console.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                highlight=False, soft_wrap=True,
-            )
-            ctx.exit(EXIT_INTERNAL)
-
-
-def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
-    if not value or ctx.resilient_parsing:
-        return
-    from layersplice.checkpoint.cast import native
-
-    click.echo(f"layersplice, version {__version__}")
-    click.echo(f"F32 -> BF16 casts: {'compiled' if native() else 'numpy (the compiled cast is not built or is off)'}")
-    ctx.exit()
-
-
-@click.group(cls=LayerspliceGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
-              help="Show the version, and whether casts run compiled, and exit.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def cli(debug: bool) -> None:
-    """Build any model size between a teacher and its boomerang-distilled student.
-
-    \b
-    Typical flow:
-      layersplice inspect ./teacher                 what is in a checkpoint
-      layersplice plan --recipe recipes/tiny.yaml   every reachable size
-      layersplice build --recipe recipes/tiny.yaml --keep 2
-      layersplice build --teacher T --student S --all --out sizes/
-    """
 
 
 @dataclass(frozen=True)
@@ -180,7 +99,7 @@ def _resolve_order(job: Job, order: str, order_file: Path | None, calib: Path | 
     def step(count: int, block: int, kl: float) -> None:
         err_console.print(f"--order kl: patch {count} is block {block} (KL to the teacher {kl:.4f})", highlight=False)
 
-    resolved, record = resolve_order(job, order, order_file, calib, on_step=step)
+    resolved, record = choose_order(job, order, order_file, calib, on_step=step)
     if isinstance(resolved, tuple):
         chosen = record.get("kl_order", {}).get("chosen_from")
         how = f" (the {chosen} order scored best)" if chosen and chosen != "greedy" else ""
@@ -264,14 +183,34 @@ def with_sources(func):
     return wrapper
 
 
-def _terminate(signum, frame):
-    raise SystemExit(128 + signum)
+def choose_order(job: Job, order: str, order_file: Path | None, calib: Path | None, on_step=None) -> tuple[Order, dict]:
+    """(order for the block functions, its record for layersplice.json)."""
+    if order_file is not None:
+        blocks = read_order_file(order_file)
+        patch_order(job.pair.alignment, blocks)  # checks it names every block once
+        return blocks, {"order": "file", "patch_order": list(blocks), "order_file": str(order_file)}
+    if order != "kl":
+        if calib is not None:
+            raise LayerspliceError("--calib is the calibration text of --order kl; add --order kl or drop --calib")
+        return order, {"order": order}
+    if calib is None:
+        raise LayerspliceError("--order kl measures KL on calibration text: add --calib FILE (.txt, .jsonl or .parquet)")
+    from layersplice.evaluation.kl_order import kl_order_for
+
+    chosen = kl_order_for(job, calib, on_step)
+    return chosen.blocks, chosen.record()
 
 
-def main() -> None:
-    # SIGTERM unwinds like an exception, so temporaries are cleaned up.
-    signal.signal(signal.SIGTERM, _terminate)
-    cli(prog_name="layersplice")
-
-
-from layersplice import commands  # noqa: E402,F401 - registers the subcommands on `cli`
+def read_order_file(path: Path) -> tuple[int, ...]:
+    """'patch_order' from a layersplice.json (or any JSON object holding one at the top or in 'choice')."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LayerspliceError(f"--order-file {path}: cannot read JSON ({exc})") from None
+    found = data.get("patch_order", (data.get("choice") or {}).get("patch_order")) if isinstance(data, dict) else None
+    if not isinstance(found, list) or not all(isinstance(b, int) for b in found):
+        raise LayerspliceError(
+            f"--order-file {path}: no 'patch_order' list of block numbers; give the layersplice.json "
+            "of a model built with --order kl"
+        )
+    return tuple(found)

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from layersplice.blocks import patch_order
 from layersplice.distill.losses import kl_loss
-from layersplice.evaluate import EvalText, load_text, load_tokenizer, window_batches
-from layersplice.in_memory import LoadedPair, compute_dtype, pick_device
-from layersplice.job import Job
-from layersplice.plan import make_plan
+from layersplice.evaluation.in_memory import LoadedPair, compute_dtype, pick_device
+from layersplice.evaluation.perplexity import EvalText, load_text, load_tokenizer, window_batches
+from layersplice.planning.blocks import patch_order
+from layersplice.planning.job import Job
+from layersplice.planning.plan import make_plan
 
 CALIB_TOKENS = 16384
 CALIB_SEQ_LEN = 512

@@ -9,8 +9,8 @@ from typing import Literal
 import yaml
 
 from layersplice import schema
-from layersplice.alignment import AlignmentSpec
 from layersplice.errors import RecipeError
+from layersplice.planning.alignment import AlignmentSpec
 
 DEFAULT_OUT = "out/{name}-{layers}L"
 

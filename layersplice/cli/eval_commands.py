@@ -1,25 +1,41 @@
 """eval and demo: measure every size of a family; the whole job on the embedded pair.
 
-torch-heavy modules are imported inside the commands, so registering these
+The demo chooses the patch order by KL, plans, builds every size, evaluates
+them against the naive baseline and plots, on the tiny fixture pair that ships
+with the repository. Its texts are stdlib docstrings (evaluation/stdlib_text.py),
+so it needs no network.
+
+torch-heavy modules are imported inside the functions, so registering these
 commands costs the CLI's start-up nothing.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
 from rich.console import Console
 
 from layersplice import __version__
-from layersplice.cli import Sources, cli, err_console, source_options, with_sources
+from layersplice.cli import display
+from layersplice.cli.options import Sources, err_console, resolve_sources, source_options, with_sources
 from layersplice.errors import LayerspliceError
+from layersplice.evaluation.stdlib_text import CALIBRATION_MODULES, HELD_OUT_MODULES, write_documents
+from layersplice.output.build import build_all
+from layersplice.output.verify import MANIFEST_FILE
 
 console = Console()
+REPOSITORY = Path(__file__).resolve().parents[2]
+RECIPE = REPOSITORY / "recipes" / "tiny.yaml"
+SEQ_LEN = 128
+MAX_TOKENS = 16384
+CALIBRATION_TOKENS = 4096
 
 
-@cli.command("eval")
+@click.command("eval")
 @source_options
 @click.option("--data", type=click.Path(exists=True, path_type=Path), help="Held-out text: .txt, .jsonl, .parquet, or a folder of them.")
 @click.option("--sizes", default="all", show_default=True, help="'all' (the sizes `build --all` writes) or --keep values such as 4,2,0.")
@@ -51,7 +67,7 @@ def eval_command(sources: Sources, data, sizes, baseline, models_dir, out, name,
       layersplice eval --teacher T --student S --data wiki.jsonl --sizes 8,4,0 --out evals/
       layersplice eval --recipe recipes/tiny.yaml --tasks my_mc --include-path tasks/
     """
-    from layersplice.evaluate import EvalRequest
+    from layersplice.evaluation.perplexity import EvalRequest
 
     if data is None and not tasks:
         raise LayerspliceError("say what to measure: --data FILE (perplexity) and/or --tasks NAMES (lm-eval)")
@@ -69,8 +85,8 @@ def eval_command(sources: Sources, data, sizes, baseline, models_dir, out, name,
 
 def perplexity_run(sources: Sources, request, meta: dict, out: Path, console: Console) -> tuple[list, dict[str, Path]]:
     """Measure, write eval.json/csv/png into `out`, print the table and the checks; (results, paths)."""
-    from layersplice.eval_report import interpolation_summary, perplexity_table, write_perplexity_report
-    from layersplice.evaluate import evaluate_family
+    from layersplice.evaluation.perplexity import evaluate_family
+    from layersplice.evaluation.report import interpolation_summary, perplexity_table, write_perplexity_report
 
     with err_console.status("evaluating") as status:
         results, run = evaluate_family(sources.job, sources.order, request,
@@ -84,8 +100,8 @@ def perplexity_run(sources: Sources, request, meta: dict, out: Path, console: Co
 
 
 def tasks_run(sources: Sources, request, meta: dict, out: Path, tasks: list[str], include_path, limit) -> None:
-    from layersplice.eval_report import task_table, write_task_report
-    from layersplice.lm_tasks import evaluate_tasks
+    from layersplice.evaluation.lm_tasks import evaluate_tasks
+    from layersplice.evaluation.report import task_table, write_task_report
 
     with err_console.status("lm-eval") as status:
         results, run = evaluate_tasks(sources.job, sources.order, request, tasks, include_path, limit,
@@ -95,7 +111,7 @@ def tasks_run(sources: Sources, request, meta: dict, out: Path, tasks: list[str]
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False)
 
 
-@cli.command()
+@click.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo"), show_default=True, help="Where every output goes (replaced if it is an earlier demo).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def demo(out: Path, as_json: bool) -> None:
@@ -105,8 +121,73 @@ def demo(out: Path, as_json: bool) -> None:
     one's perplexity on held-out text next to the naive layer-dropping
     baseline, plots it, and says where everything went.
     """
-    from layersplice.demo import run_demo
-
     summary = run_demo(out, Console(stderr=True) if as_json else console)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
+
+
+def run_demo(out: Path, console: Console) -> dict:
+    """Everything the demo does; returns the summary it prints."""
+    import torch
+
+    from layersplice.evaluation.perplexity import EvalRequest
+    from layersplice.evaluation.report import interpolation_summary, size_row
+
+    if not RECIPE.exists():
+        raise LayerspliceError(f"{RECIPE} is missing: the demo runs from a clone of the layersplice repository")
+    # The fixture models are so small that a second thread only adds overhead.
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    sources = resolve_sources(
+        recipe_path=RECIPE, teacher=None, student=None, teacher_revision=None, student_revision=None,
+        copied_teacher_layers=None, first=None, every=None, last=None, order=None, dtype=None, arch_file=None,
+    )
+    sources = with_kl_order(sources, write_documents(out / "calibration.jsonl", CALIBRATION_MODULES), console)
+    job, name = sources.job, sources.recipe.name
+    display.plan_table(console, job, sources.order, display.plan_rows(job, sources.order))
+    sizes_dir = out / "sizes"
+    built = build_all(job, sources.order, sizes_dir, name, sources.shard_size, force=True,
+                      order_record=sources.order_record)
+    display.built_table(console, built, sizes_dir)
+    held_out = write_documents(out / "held-out.jsonl", HELD_OUT_MODULES)
+    request = EvalRequest(held_out, baseline=True, models_dir=sizes_dir, seq_len=SEQ_LEN, max_tokens=MAX_TOKENS, device="cpu")
+    meta = {"layersplice_version": __version__, "name": name, "sources": job.describe_sources(), "order": sources.order_record}
+    results, paths = perplexity_run(sources, request, meta, out, console)
+    seconds = time.perf_counter() - started
+    console.print(
+        f"demo done in {seconds:.0f} s. In {out}: sizes/ ({len(built)} checkpoints and {MANIFEST_FILE}), "
+        f"{', '.join(p.name for p in paths.values())}, and the texts calibration.jsonl and held-out.jsonl",
+        highlight=False,
+    )
+    return {
+        "out": str(out),
+        "sizes_dir": str(sizes_dir),
+        "checkpoints": [str(b.directory) for b in built],
+        "files": {kind: str(path) for kind, path in paths.items()},
+        "held_out": str(held_out),
+        "order": sources.order_record,
+        "sizes": [size_row(r) for r in results],
+        "summary": interpolation_summary(results),
+        "seconds": round(seconds, 1),
+    }
+
+
+def with_kl_order(sources: Sources, calibration: Path, console: Console) -> Sources:
+    """The sources with the patch order --order kl picks on a few thousand calibration tokens."""
+    import torch
+
+    from layersplice.evaluation.in_memory import LoadedPair
+    from layersplice.evaluation.kl_order import choose_kl_order
+    from layersplice.evaluation.perplexity import load_text, load_tokenizer
+
+    job = sources.job
+    text = load_text(calibration, load_tokenizer(job.teacher.directory), SEQ_LEN, CALIBRATION_TOKENS)
+    chosen = choose_kl_order(LoadedPair(job, torch.device("cpu"), torch.float32), text)
+    scores = ", ".join(f"{name} {kl:.4f}" for name, kl in chosen.budget_kl.items())
+    console.print(
+        f"patch order by KL to the teacher on {text.tokens} calibration tokens: blocks "
+        f"{','.join(map(str, chosen.blocks))} (mean KL over sizes: {scores})",
+        highlight=False,
+    )
+    return replace(sources, order=chosen.blocks, order_record=chosen.record())

@@ -1,0 +1,125 @@
+"""plan, inspect, verify and describe: the commands that read and report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from layersplice.architectures.draft import draft_text
+from layersplice.cli import display
+from layersplice.cli.options import (
+    Sources,
+    allow_pickle_option,
+    announce_target,
+    source_options,
+    target_options,
+    with_sources,
+)
+from layersplice.output.verify import verify_path
+from layersplice.planning.job import single_layout
+from layersplice.units import format_bytes
+
+console = Console()
+
+
+@click.command()
+@source_options
+@target_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@with_sources
+def plan(sources: Sources, params, max_bytes, as_json: bool) -> None:
+    """Show every reachable size before writing anything.
+
+    One row per --keep value from the student down to the teacher: layers,
+    parameters, bytes on disk and the teacher blocks used.
+
+    With --params or --max-bytes it also names the one size that request picks.
+
+    \b
+    Examples:
+      layersplice plan --recipe recipes/tiny.yaml
+      layersplice plan --recipe recipes/qwen3.yaml --max-bytes 6GiB
+    """
+    job = sources.job
+    rows = display.plan_rows(job, sources.order)
+    target = announce_target(sources, params, max_bytes) if params or max_bytes else None
+    if as_json:
+        data = {**display.plan_json(job, sources.order, rows), **sources.order_record}
+        if target is not None:
+            data["chosen"] = {"keep": target.keep, "layers": target.plan.n_layers, "parameters": target.plan.params,
+                              "bytes": target.plan.nbytes, "reason": target.reason}
+        click.echo(json.dumps(data, indent=2))
+    else:
+        display.plan_table(console, job, sources.order, rows)
+
+
+@click.command()
+@click.argument("path")
+@click.option("--revision", help="Hub revision when PATH is a repo id.")
+@click.option("--arch", "arch_file", type=click.Path(dir_okay=False, path_type=Path), help="Family description YAML for an unknown model.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@allow_pickle_option
+def inspect(path: str, revision, arch_file, as_json: bool, allow_pickle: bool) -> None:
+    """Show a checkpoint: family, layers, parameters, dtypes, shards, alignment.
+
+    PATH is a local model directory or a Hugging Face repo id.
+    """
+    checkpoint, layout = single_layout(path, revision, arch_file, allow_pickle)
+    info = display.inspect_info(checkpoint, layout)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        display.inspect_table(console, info)
+
+
+
+@click.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--against-sources", is_flag=True, help="Also compare every tensor with the teacher or student bytes it came from.")
+def verify(path: Path, against_sources: bool) -> None:
+    """Check an output's integrity; exit 0 only if every check passes.
+
+    Re-reads PATH (a build output or a `build --all` directory): the sealed
+    layersplice.json / manifest.json, the checksum of every file, every
+    safetensors header, the index, and the config against the tensors. A
+    single flipped byte anywhere fails. The first problem is named and the
+    exit code is 2.
+
+    \b
+    Examples:
+      layersplice verify out/tiny-5L
+      layersplice verify sizes/ --against-sources
+    """
+    result = verify_path(path, against_sources)
+    console.print(
+        f"[green]ok[/]: {len(result.directories)} model(s), {result.files} files, "
+        f"{format_bytes(result.bytes)} verified{' against sources' if against_sources else ''}"
+    )
+
+
+@click.command("describe")
+@click.argument("path")
+@click.option("--revision", help="Hub revision when PATH is a repo id.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the YAML to this file instead of printing it.")
+def describe_command(path: str, revision: str | None, out: Path | None) -> None:
+    """Print a family description (YAML) for the model at PATH.
+
+    For a family layersplice does not describe but infers from `<prefix>.<i>.`
+    tensor names, this is a draft to check and pass with --arch FILE. For a
+    described family it prints the built-in description.
+
+    \b
+    Examples:
+      layersplice describe ./my-model > my_family.yaml
+      layersplice build --teacher T --student S --arch my_family.yaml --keep 4 --out mid
+    """
+    checkpoint, layout = single_layout(path, revision)
+    text = draft_text(checkpoint, layout)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        click.echo(f"wrote {out}")

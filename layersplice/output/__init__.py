@@ -1,0 +1,2 @@
+"""Executing plans into checkpoints: shards, index, config, provenance
+(layersplice.json, manifest.json), and verifying them afterwards."""
