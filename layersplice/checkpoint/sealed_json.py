@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 CHECKSUM_KEY = "checksum"
@@ -40,3 +41,26 @@ def read_sealed(path: Path) -> tuple[dict | None, str | None]:
     if seal(data) != text:
         return None, f"{path.name} does not match its checksum (it was modified or corrupted)"
     return data, None
+
+
+def replace_sealed(path: Path, data: dict) -> None:
+    """Write a sealed record beside its final name, flush it, then rename it into place.
+
+    For records that live directly in a folder others write too (a family's
+    manifest and part records): a reader sees the old record or the new one,
+    never half of one.
+    """
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="ascii") as handle:
+            handle.write(seal(data))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -17,12 +18,14 @@ from layersplice.cli.options import (
     allow_pickle_option,
     choice_options,
     choose,
+    err_console,
     source_options,
     with_sources,
 )
 from layersplice.errors import LayerspliceError
-from layersplice.output.build import build_all, build_one, init_student
-from layersplice.planning.alignment import AlignmentSpec, resolve_alignment
+from layersplice.output.build import build_all, build_one, build_part, init_student
+from layersplice.output.family import FamilyProblem, assemble
+from layersplice.planning.alignment import AlignmentSpec, parse_layer_list, resolve_alignment
 from layersplice.planning.job import single_layout
 from layersplice.planning.plan import PlannedTensor, make_plan, student_init_plan
 from layersplice.planning.recipe import load_recipe, model_reference
@@ -30,6 +33,8 @@ from layersplice.planning.sizes import all_plans
 from layersplice.units import parse_bytes
 
 console = Console()
+no_card_option = click.option("--no-card", is_flag=True, help="Leave out the model card (README.md) written into every output.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout (paths, layers, parameters, bytes, checksums); messages go to stderr.")
 
 
 def _progress() -> Progress:
@@ -43,12 +48,16 @@ def _progress() -> Progress:
 @source_options
 @choice_options
 @click.option("--all", "all_sizes", is_flag=True, help="Write every size to OUT/<name>-<layers>L/ plus OUT/manifest.json.")
+@click.option("--sizes", help="With --all: only these sizes, as layer counts (e.g. 12,14,16), added to the family in OUT.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory. Default: the recipe's 'out'.")
 @click.option("--name", help="Name used in --all subdirectories. Default: the recipe's name, else the teacher's folder name.")
 @click.option("--shard-size", help="Largest shard, e.g. 5GB (default), 500MB, 2GiB.")
 @click.option("--force", is_flag=True, help="Replace an existing layersplice output at --out.")
+@no_card_option
+@json_option
 @with_sources
-def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_sizes, out, name, force) -> None:
+def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_sizes, sizes, out, name, force,
+          no_card, as_json) -> None:
     """Write an interpolated Hugging Face checkpoint, shard by shard.
 
     Tensor bytes are copied straight from the teacher and student files (no
@@ -60,27 +69,21 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
       layersplice build --recipe recipes/llama3.yaml --keep 12
       layersplice build --teacher ./teacher --student ./student --keep 4 --out ./mid
       layersplice build --recipe recipes/tiny.yaml --all --out sizes/
+      layersplice build --recipe recipes/tiny.yaml --all --sizes 4,5 --out sizes/   (one part of a family)
+      layersplice build --recipe recipes/tiny.yaml --keep 2 --out tiny-mid --json
       layersplice build --recipe recipes/qwen3.yaml --params 3B --out qwen3-3b
       layersplice build --recipe recipes/tiny.yaml --order kl --calib held-out.txt --keep 2 --out tiny-kl
     """
     job = sources.job
     name = name or (sources.recipe.name if sources.recipe else Path(job.teacher.directory).name)
+    if sizes is not None and not all_sizes:
+        raise LayerspliceError("--sizes picks sizes of --all; add --all (or choose one size with --layers)")
     if all_sizes:
         if any(v is not None for v in (keep, patch, layers, blocks, params, max_bytes)):
             raise LayerspliceError("--all writes every size; drop --keep/--patch/--layers/--blocks/--params/--max-bytes")
         target = out or (Path("out") / name)
-        plans = all_plans(job, sources.order)
-        _note_a_slow_cast(t for _, plan in plans for t in plan.tensors)
-        with _progress() as progress:
-            task = progress.add_task("writing all sizes", total=sum(plan.nbytes for _, plan in plans))
-            built = build_all(
-                job, sources.order, target, name, sources.shard_size, force, order_record=sources.order_record,
-                plans=plans,
-                progress=lambda n: progress.advance(task, n),
-                on_size=lambda sub, plan, kept: progress.update(
-                    task, description=f"{'kept verified' if kept else 'writing'} {sub}"),
-            )
-        display.built_table(console, built, target)
+        built = _build_family(sources, target, name, sizes, force, not no_card)
+        _report(built, target, as_json)
         return
     patched, choice = choose(sources, keep, patch, layers, blocks, params, max_bytes)
     plan = make_plan(job.pair, patched, job.cast)
@@ -91,8 +94,45 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
     _note_a_slow_cast(plan.tensors)
     with _progress() as progress:
         task = progress.add_task(f"writing {out}", total=plan.nbytes)
-        result = build_one(job, plan, out, choice, sources.shard_size, force, lambda n: progress.advance(task, n))
-    display.built_table(console, [result], out)
+        result = build_one(job, plan, out, choice, sources.shard_size, force, lambda n: progress.advance(task, n),
+                           card=not no_card)
+    _report([result], out, as_json)
+
+
+def _build_family(sources: Sources, target: Path, name: str, sizes: str | None, force: bool, card: bool) -> list:
+    """build --all: the whole family atomically, or with --sizes the named sizes added to it."""
+    job = sources.job
+    plans = all_plans(job, sources.order)
+    if sizes is not None:
+        plans = _pick_sizes(plans, parse_layer_list(sizes))
+    _note_a_slow_cast(t for _, plan in plans for t in plan.tensors)
+    write = build_all if sizes is None else build_part
+    with _progress() as progress:
+        task = progress.add_task("writing all sizes", total=sum(plan.nbytes for _, plan in plans))
+        return write(
+            job, sources.order, target, name, sources.shard_size, force, order_record=sources.order_record,
+            plans=plans, card=card,
+            progress=lambda n: progress.advance(task, n),
+            on_size=lambda sub, plan, kept: progress.update(task, description=f"{'kept verified' if kept else 'writing'} {sub}"),
+        )
+
+
+def _pick_sizes(plans: list, layer_counts: tuple[int, ...]) -> list:
+    by_layers = {plan.n_layers: (keep, plan) for keep, plan in plans}
+    unknown = [n for n in layer_counts if n not in by_layers]
+    if unknown:
+        raise LayerspliceError(
+            f"--sizes {unknown[0]}: no size of this family has {unknown[0]} layers; "
+            f"choose among {','.join(map(str, sorted(by_layers)))} (`layersplice plan` lists them)"
+        )
+    return [by_layers[n] for n in sorted(set(layer_counts))]
+
+
+def _report(built: list, where: Path, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(display.built_json(built, where), indent=2, sort_keys=True))
+    else:
+        display.built_table(console, built, where)
 
 
 def _note_a_slow_cast(tensors: Iterable[PlannedTensor]) -> None:
@@ -123,7 +163,10 @@ def _note_a_slow_cast(tensors: Iterable[PlannedTensor]) -> None:
 @click.option("--arch", "arch_file", type=click.Path(dir_okay=False, path_type=Path), help="Family description YAML for an unknown model.")
 @click.option("--force", is_flag=True, help="Replace an existing layersplice output at --out.")
 @allow_pickle_option
-def init_student_command(teacher, revision, recipe, first, every, last, copied_teacher_layers, out, dtype, shard_size, arch_file, force, allow_pickle) -> None:
+@no_card_option
+@json_option
+def init_student_command(teacher, revision, recipe, first, every, last, copied_teacher_layers, out, dtype, shard_size,
+                         arch_file, force, allow_pickle, no_card, as_json) -> None:
     """Make the initial student from kept teacher layers (before distillation).
 
     Streams the kept layers (same machinery and memory bound as build),
@@ -150,6 +193,36 @@ def init_student_command(teacher, revision, recipe, first, every, last, copied_t
     plan_bytes = student_init_plan(layout, alignment, cast).nbytes
     with _progress() as progress:
         task = progress.add_task(f"writing {out}", total=plan_bytes)
-        result = init_student(checkpoint, layout, alignment, origin, out, cast, parse_bytes(shard_size), force, lambda n: progress.advance(task, n))
-    console.print(f"student of teacher layers {','.join(map(str, alignment.copied))} ({origin})")
-    display.built_table(console, [result], out)
+        result = init_student(checkpoint, layout, alignment, origin, out, cast, parse_bytes(shard_size), force,
+                              lambda n: progress.advance(task, n), card=not no_card)
+    err_console.print(f"student of teacher layers {','.join(map(str, alignment.copied))} ({origin})", highlight=False)
+    _report([result], out, as_json)
+
+
+@click.command("assemble")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@json_option
+def assemble_command(out: Path, as_json: bool) -> None:
+    """Write OUT/manifest.json for every size that the parts in OUT/parts/ record.
+
+    Run it after copying the outputs of several `build --all --sizes` jobs
+    into one folder: each job's manifest.json overwrote the others', but each
+    job's own record in OUT/parts/ survived. Parts built in sequence into one
+    OUT need no assembling; `verify` says when it is needed.
+
+    \b
+    Example:
+      layersplice build --recipe recipes/tiny.yaml --all --sizes 4,5 --out part-a
+      layersplice build --recipe recipes/tiny.yaml --all --sizes 6,7 --out part-b
+      cp -r part-a/. family/ && cp -r part-b/. family/
+      layersplice assemble family && layersplice verify family
+    """
+    try:
+        manifest = assemble(out)
+    except FamilyProblem as exc:
+        raise LayerspliceError(f"{out}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2, sort_keys=True))
+    else:
+        sizes = ", ".join(entry["directory"] for entry in manifest["sizes"])
+        console.print(f"wrote {out / 'manifest.json'}: {len(manifest['sizes'])} sizes ({sizes}) from {len(manifest['parts'])} parts", highlight=False)

@@ -132,6 +132,27 @@ def inspect_table(console: Console, info: dict) -> None:
     console.print(table)
 
 
+def built_json(built, where: Path) -> dict:
+    """What build and init-student wrote, for --json: every output with its files and checksums."""
+    manifest = where / "manifest.json"
+    return {
+        "layersplice_version": __version__,
+        "out": str(where),
+        "manifest": str(manifest) if manifest.is_file() else None,
+        "outputs": [
+            {
+                "directory": str(item.directory),
+                "layers": item.plan.n_layers,
+                "parameters": item.plan.params,
+                "bytes": sum(f["size"] for f in item.files.values()),
+                "teacher_blocks": list(item.plan.teacher_blocks),
+                "files": item.files,
+            }
+            for item in built
+        ],
+    }
+
+
 def built_table(console: Console, built, where: Path) -> None:
     table = Table(title=f"wrote {where}")
     for column in ("directory", "layers", "parameters", "on disk", "teacher blocks"):

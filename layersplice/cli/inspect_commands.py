@@ -18,7 +18,7 @@ from layersplice.cli.options import (
     target_options,
     with_sources,
 )
-from layersplice.output.verify import verify_path
+from layersplice.output.verify import VerifyError, verify_path
 from layersplice.planning.job import single_layout
 from layersplice.units import format_bytes
 
@@ -79,21 +79,35 @@ def inspect(path: str, revision, arch_file, as_json: bool, allow_pickle: bool) -
 @click.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--against-sources", is_flag=True, help="Also compare every tensor with the teacher or student bytes it came from.")
-def verify(path: Path, against_sources: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout: ok, the models, files and bytes checked, or the problem.")
+def verify(path: Path, against_sources: bool, as_json: bool) -> None:
     """Check an output's integrity; exit 0 only if every check passes.
 
     Re-reads PATH (a build output or a `build --all` directory): the sealed
     layersplice.json / manifest.json, the checksum of every file, every
     safetensors header, the index, and the config against the tensors. A
-    single flipped byte anywhere fails. The first problem is named and the
-    exit code is 2.
+    single flipped byte anywhere fails. For a family, every size its parts
+    record (OUT/parts/) must be in manifest.json. The first problem is named
+    and the exit code is 2.
 
     \b
     Examples:
       layersplice verify out/tiny-5L
       layersplice verify sizes/ --against-sources
+      layersplice verify sizes/ --json
     """
-    result = verify_path(path, against_sources)
+    try:
+        result = verify_path(path, against_sources)
+    except VerifyError as exc:
+        if as_json:  # CI parses stdout; the one-line error and exit 2 still follow
+            click.echo(json.dumps({"ok": False, "path": str(path), "problem": str(exc)}, indent=2))
+        raise
+    if as_json:
+        click.echo(json.dumps({
+            "ok": True, "path": str(path), "against_sources": against_sources,
+            "directories": [str(d) for d in result.directories], "files": result.files, "bytes": result.bytes,
+        }, indent=2))
+        return
     console.print(
         f"[green]ok[/]: {len(result.directories)} model(s), {result.files} files, "
         f"{format_bytes(result.bytes)} verified{' against sources' if against_sources else ''}"

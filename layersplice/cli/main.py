@@ -112,7 +112,7 @@ def main() -> None:
 
 
 for _command in (
-    build_commands.build, build_commands.init_student_command,
+    build_commands.build, build_commands.init_student_command, build_commands.assemble_command,
     inspect_commands.plan, inspect_commands.inspect, inspect_commands.verify, inspect_commands.describe_command,
     eval_commands.eval_command, eval_commands.demo,
 ):

@@ -11,11 +11,16 @@ from typing import Callable
 from layersplice import __version__
 from layersplice.architectures.layout import Layout
 from layersplice.checkpoint.atomic import atomic_directory
-from layersplice.checkpoint.digest import CHECKSUM, blake3_file
+from layersplice.checkpoint.digest import CHECKSUM
 from layersplice.checkpoint.sealed_json import read_sealed, write_sealed
 from layersplice.checkpoint.source import INDEX_FILE, SIDE_FILES, Checkpoint
 from layersplice.checkpoint.writer import ProgressFn, SourceFiles, WrittenFile, write_shards
-from layersplice.output.verify import MANIFEST_FILE, PROVENANCE_FILE, VerifyError, check_files
+from layersplice.errors import OutputError
+from layersplice.output.card import CARD_FILE, build_card, student_init_card
+from layersplice.output.family import (
+    MANIFEST_FILE, PARTS_DIR, PROVENANCE_FILE, FamilyProblem, assemble, file_record, write_part,
+)
+from layersplice.output.verify import VerifyError, check_files
 from layersplice.planning.alignment import STUDENT_CONFIG_NAME, Alignment
 from layersplice.planning.blocks import Order
 from layersplice.planning.configs import spliced_config
@@ -33,31 +38,39 @@ class Built:
 
 def write_model(
     job: Job, plan: Plan, directory: Path, choice: dict, shard_size: int, sources: SourceFiles,
-    progress: ProgressFn | None = None,
+    progress: ProgressFn | None = None, card_name: str | None = None,
 ) -> dict[str, dict]:
-    """Write one splice into an existing empty directory; returns {file: {size, blake3}}."""
+    """Write one splice into an existing empty directory; returns {file: {size, blake3}}.
+
+    With `card_name` (the name the output will have) a model card is written too."""
     config, rewritten = spliced_config(job.layouts, plan, job.configs, job.cast)
     side_dir = job.checkpoint(plan.embeddings_from).directory
-    files = write_checkpoint(directory, plan, config, side_dir, shard_size, sources, progress)
+    card = build_card(job, plan, config, shard_size, card_name) if card_name else None
+    files = write_checkpoint(directory, plan, config, side_dir, shard_size, sources, progress, card)
     write_sealed(directory / PROVENANCE_FILE, _provenance(job, plan, choice, rewritten, files))
     return files
 
 
 def write_checkpoint(
     directory: Path, plan: Plan, config: dict, side_dir: Path, shard_size: int, sources: SourceFiles,
-    progress: ProgressFn | None,
+    progress: ProgressFn | None, card: str | None = None, extra_json: dict[str, dict] | None = None,
 ) -> dict[str, dict]:
-    """Shards, index, config and the tokenizer/generation files of `side_dir`.
+    """Shards, index, config, the tokenizer/generation files of `side_dir`, the card and `extra_json`.
 
-    Shards are hashed while they are written; the small files after."""
+    Shards are hashed while they are written; the small files after, so that
+    the record lists (and verify covers) every file."""
     shards = write_shards(directory, plan.tensors, shard_size, sources, progress)
     _write_json(directory / INDEX_FILE, _index(shards, plan.nbytes))
     _write_json(directory / "config.json", config)
+    for name, data in (extra_json or {}).items():
+        _write_json(directory / name, data)
     for name in SIDE_FILES:
         if (side_dir / name).is_file():
             shutil.copyfile(side_dir / name, directory / name)
+    if card is not None:
+        (directory / CARD_FILE).write_text(card, encoding="utf-8")
     written = {shard.name: {"size": shard.size, CHECKSUM: shard.blake3} for shard in shards}
-    return {p.name: written.get(p.name) or _file_record(p) for p in sorted(directory.iterdir())}
+    return {p.name: written.get(p.name) or file_record(p) for p in sorted(directory.iterdir())}
 
 
 def _index(shards: list[WrittenFile], total_size: int) -> dict:
@@ -95,9 +108,12 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def build_one(job: Job, plan: Plan, out: Path, choice: dict, shard_size: int, force: bool, progress: ProgressFn | None = None) -> Built:
+def build_one(
+    job: Job, plan: Plan, out: Path, choice: dict, shard_size: int, force: bool,
+    progress: ProgressFn | None = None, card: bool = True,
+) -> Built:
     with atomic_directory(out, force) as tmp, SourceFiles() as sources:
-        files = write_model(job, plan, tmp, choice, shard_size, sources, progress)
+        files = write_model(job, plan, tmp, choice, shard_size, sources, progress, out.name if card else None)
     return Built(out, plan, files)
 
 
@@ -108,42 +124,101 @@ def size_name(name: str, plan: Plan) -> str:
 def build_all(
     job: Job, order: Order, out: Path, name: str, shard_size: int, force: bool,
     progress: ProgressFn | None = None, on_size: Callable[[str, Plan, bool], None] | None = None,
-    order_record: dict | None = None, plans: list[tuple[int | None, Plan]] | None = None,
+    order_record: dict | None = None, plans: list[tuple[int | None, Plan]] | None = None, card: bool = True,
 ) -> list[Built]:
-    """Every size into out/<name>-<layers>L/ plus out/manifest.json.
+    """Every size into out/<name>-<layers>L/, its part record and out/manifest.json.
 
     `plans` are all_plans(job, order) when the caller has them already. A run
     that was killed leaves its finished sizes in a hidden temporary; the next
     run adopts it and keeps each size whose files still verify.
     """
-    built = []
+    plans = plans if plans is not None else all_plans(job, order)
     with atomic_directory(out, force, adopt=True) as tmp, SourceFiles() as sources:
-        for keep, plan in plans if plans is not None else all_plans(job, order):
-            sub = size_name(name, plan)
-            choice = {"layers": plan.n_layers, "keep": keep, **(order_record or {"order": order})}
-            files = _verified_files(job, plan, choice, tmp / sub)
-            if on_size:
-                on_size(sub, plan, files is not None)
-            if files is None:
-                shutil.rmtree(tmp / sub, ignore_errors=True)
-                (tmp / sub).mkdir()
-                files = write_model(job, plan, tmp / sub, choice, shard_size, sources, progress)
-            elif progress:
-                progress(plan.nbytes)
-            files = {**files, PROVENANCE_FILE: _file_record(tmp / sub / PROVENANCE_FILE)}
-            built.append(Built(out / sub, plan, files))
-        write_sealed(tmp / MANIFEST_FILE, _manifest(job, built))
+        built = [
+            _size(job, plan, keep, tmp, name, shard_size, sources, progress, on_size, order_record or {"order": order}, card)
+            for keep, plan in plans
+        ]
+        _record_family(tmp, name, job, [b.directory.name for b in built])
+    return [Built(out / b.directory.name, b.plan, b.files) for b in built]
+
+
+def build_part(
+    job: Job, order: Order, out: Path, name: str, shard_size: int, force: bool,
+    plans: list[tuple[int | None, Plan]], progress: ProgressFn | None = None,
+    on_size: Callable[[str, Plan, bool], None] | None = None, order_record: dict | None = None, card: bool = True,
+) -> list[Built]:
+    """Some sizes of a family into OUT, beside sizes other runs wrote there (family.py).
+
+    Each size appears atomically on its own; a size already in OUT is kept
+    when it is intact and exactly this build, else it needs --force. Then
+    this part's record, and the manifest derived from every part in OUT.
+    """
+    _check_family_dir(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {out}: {exc.strerror}") from None
+    built = []
+    with SourceFiles() as sources:
+        for keep, plan in plans:
+            built.append(_size(job, plan, keep, out, name, shard_size, sources, progress, on_size,
+                               order_record or {"order": order}, card, force))
+    _record_family(out, name, job, [b.directory.name for b in built])
     return built
 
 
-def _file_record(path: Path) -> dict:
-    return {"size": path.stat().st_size, CHECKSUM: blake3_file(path)}
+def _check_family_dir(out: Path) -> None:
+    """Parts go into a new folder or into a family folder; never into anything else."""
+    if not out.exists():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise OutputError(f"{out} is not a directory; choose another --out")
+    is_family = (out / MANIFEST_FILE).is_file() or (out / PARTS_DIR).is_dir()
+    if not is_family and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise OutputError(
+            f"{out} exists and holds no layersplice family (no {MANIFEST_FILE}); "
+            "choose an empty or new --out for a family in parts"
+        )
 
 
-def _verified_files(job: Job, plan: Plan, choice: dict, directory: Path) -> dict | None:
+def _size(
+    job: Job, plan: Plan, keep: int | None, parent: Path, name: str, shard_size: int, sources: SourceFiles,
+    progress: ProgressFn | None, on_size, order_record: dict, card: bool, force: bool | None = None,
+) -> Built:
+    """One size in parent/<name>-<L>L: kept if an intact earlier build of exactly it is there, else written.
+
+    `force` None: parent is a temporary this run owns, so the size is written in place."""
+    sub = size_name(name, plan)
+    choice = {"layers": plan.n_layers, "keep": keep, **order_record}
+    files = _verified_files(job, plan, choice, parent / sub, card)
+    if on_size:
+        on_size(sub, plan, files is not None)
+    if files is not None:
+        if progress:
+            progress(plan.nbytes)
+    elif force is None:
+        shutil.rmtree(parent / sub, ignore_errors=True)
+        (parent / sub).mkdir()
+        files = write_model(job, plan, parent / sub, choice, shard_size, sources, progress, sub if card else None)
+    else:
+        with atomic_directory(parent / sub, force) as tmp:
+            files = write_model(job, plan, tmp, choice, shard_size, sources, progress, sub if card else None)
+    return Built(parent / sub, plan, {**files, PROVENANCE_FILE: file_record(parent / sub / PROVENANCE_FILE)})
+
+
+def _record_family(out: Path, name: str, job: Job, directories: list[str]) -> None:
+    """This run's part record, then the manifest of every part in OUT."""
+    try:
+        write_part(out, name, job.describe_sources(), directories)
+        assemble(out)
+    except FamilyProblem as exc:
+        raise OutputError(f"{out}: {exc}") from None
+
+
+def _verified_files(job: Job, plan: Plan, choice: dict, directory: Path, card: bool) -> dict | None:
     """The recorded files of an earlier, intact build of exactly this size, else None."""
     provenance, problem = read_sealed(directory / PROVENANCE_FILE)
-    if problem:
+    if problem or (CARD_FILE in provenance["files"]) != card:
         return None
     _, rewritten = spliced_config(job.layouts, plan, job.configs, job.cast)
     expected = _provenance(job, plan, choice, rewritten, provenance["files"])
@@ -156,34 +231,17 @@ def _verified_files(job: Job, plan: Plan, choice: dict, directory: Path) -> dict
     return provenance["files"]
 
 
-def _manifest(job: Job, built: list[Built]) -> dict:
-    return {
-        "layersplice_version": __version__,
-        "sources": job.describe_sources(),
-        "sizes": [
-            {
-                "directory": b.directory.name,
-                "layers": b.plan.n_layers,
-                "parameters": b.plan.params,
-                "bytes": sum(f["size"] for f in b.files.values()),
-                "patched_blocks": sorted(b.plan.patched),
-                "files": b.files,
-            }
-            for b in built
-        ],
-    }
-
-
 def init_student(
     teacher: Checkpoint, layout: Layout, alignment: Alignment, origin: str, out: Path,
-    cast: str | None, shard_size: int, force: bool, progress: ProgressFn | None = None,
+    cast: str | None, shard_size: int, force: bool, progress: ProgressFn | None = None, card: bool = True,
 ) -> Built:
     """Stream the kept teacher layers into a new student checkpoint (METHOD.md §2)."""
     plan = student_init_plan(layout, alignment, cast)
     config, rewritten = spliced_config({TEACHER: layout}, plan, {TEACHER: teacher.config}, cast)
+    text = student_init_card(teacher, alignment, plan, config, cast, shard_size, out.name) if card else None
     with atomic_directory(out, force) as tmp, SourceFiles() as sources:
-        files = write_checkpoint(tmp, plan, config, teacher.directory, shard_size, sources, progress)
-        _write_json(tmp / STUDENT_CONFIG_NAME, alignment.student_config())
+        files = write_checkpoint(tmp, plan, config, teacher.directory, shard_size, sources, progress, text,
+                                 {STUDENT_CONFIG_NAME: alignment.student_config()})
         write_sealed(tmp / PROVENANCE_FILE, {
             "layersplice_version": __version__,
             "kind": "init-student",

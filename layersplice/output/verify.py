@@ -12,9 +12,7 @@ from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.checkpoint.sealed_json import read_sealed
 from layersplice.checkpoint.source import open_checkpoint
 from layersplice.errors import LayerspliceError
-
-PROVENANCE_FILE = "layersplice.json"
-MANIFEST_FILE = "manifest.json"
+from layersplice.output.family import MANIFEST_FILE, PROVENANCE_FILE, assembly_problem
 HASHERS: dict[str, Callable[[Path], str]] = {CHECKSUM: blake3_file}
 
 
@@ -43,6 +41,9 @@ def verify_path(path: Path, against_sources: bool = False) -> Verified:
 
 def _verify_all(path: Path, against_sources: bool) -> Verified:
     manifest, problem = read_sealed(path / MANIFEST_FILE)
+    if problem:
+        raise VerifyError(f"{path}: {problem}")
+    problem = assembly_problem(path, manifest)
     if problem:
         raise VerifyError(f"{path}: {problem}")
     dirs, files, size = [], 0, 0
