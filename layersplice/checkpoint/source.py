@@ -31,7 +31,8 @@ SIDE_FILES = (
     "chat_template.json",
 )
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-HUB_PATTERNS = [CONFIG_FILE, INDEX_FILE, "*.safetensors", "student_config.json", *SIDE_FILES]
+# README.md: the model card, whose license the cards of layersplice outputs pass on.
+HUB_PATTERNS = [CONFIG_FILE, INDEX_FILE, "*.safetensors", "student_config.json", "README.md", *SIDE_FILES]
 
 
 @dataclass(frozen=True)

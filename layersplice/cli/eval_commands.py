@@ -25,6 +25,7 @@ from layersplice.cli.options import Sources, err_console, resolve_sources, sourc
 from layersplice.errors import LayerspliceError
 from layersplice.evaluation.stdlib_text import CALIBRATION_MODULES, HELD_OUT_MODULES, write_documents
 from layersplice.output.build import build_all
+from layersplice.output.result_cards import Score, write_eval_cards
 from layersplice.output.verify import MANIFEST_FILE
 
 console = Console()
@@ -51,9 +52,11 @@ CALIBRATION_TOKENS = 4096
 @click.option("--tasks", help="lm-evaluation-harness tasks, comma-separated (pip install 'layersplice[eval]').")
 @click.option("--include-path", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Folder of extra lm-eval task YAMLs, e.g. on local JSON-lines data.")
 @click.option("--limit", type=int, help="lm-eval: at most N examples per task.")
+@click.option("--write-cards", is_flag=True, help="With --models: record each size's results in its model card (model-index) and re-seal its records.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout (results, files written); tables and messages go to stderr.")
 @with_sources
 def eval_command(sources: Sources, data, sizes, baseline, models_dir, out, name, seq_len, batch_size, max_tokens,
-                 text_field, device, tasks, include_path, limit) -> None:
+                 text_field, device, tasks, include_path, limit, write_cards, as_json) -> None:
     """Perplexity of every size on held-out text; optionally lm-eval tasks.
 
     Each size is assembled in memory from the teacher and student tensors
@@ -66,21 +69,56 @@ def eval_command(sources: Sources, data, sizes, baseline, models_dir, out, name,
       layersplice eval --recipe recipes/tiny.yaml --data held-out.jsonl --baseline naive
       layersplice eval --teacher T --student S --data wiki.jsonl --sizes 8,4,0 --out evals/
       layersplice eval --recipe recipes/tiny.yaml --tasks my_mc --include-path tasks/
+      layersplice eval --recipe recipes/tiny.yaml --models sizes/ --data held-out.jsonl --write-cards --json
     """
     from layersplice.evaluation.perplexity import EvalRequest
 
     if data is None and not tasks:
         raise LayerspliceError("say what to measure: --data FILE (perplexity) and/or --tasks NAMES (lm-eval)")
+    if write_cards and models_dir is None:
+        raise LayerspliceError("--write-cards records results in the cards of built sizes: add --models DIR (a `build --all` output)")
     job = sources.job
     name = name or (sources.recipe.name if sources.recipe else Path(job.teacher.directory).name)
     out = out or Path("out") / f"{name}-eval"
     request = EvalRequest(data, sizes, baseline == "naive", models_dir, seq_len, batch_size, max_tokens, device, text_field)
     meta = {"layersplice_version": __version__, "name": name, "sources": job.describe_sources(), "order": sources.order_record}
     out.mkdir(parents=True, exist_ok=True)
-    if data is not None:
-        perplexity_run(sources, request, meta, out, console)
+    task_list = [t for t in tasks.split(",") if t] if tasks else []
+    report, scores = _evaluate(sources, request, meta, out, task_list, include_path, limit,
+                               Console(stderr=True) if as_json else console)
+    if write_cards:
+        cards = write_eval_cards(models_dir, scores)
+        report["cards"] = [str(card) for card in cards]
+        err_console.print(f"recorded results in {len(cards)} model cards; {models_dir} re-sealed", highlight=False)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+
+
+def _evaluate(sources: Sources, request, meta: dict, out: Path, tasks: list[str], include_path, limit,
+              shown: Console) -> tuple[dict, dict[int, list[Score]]]:
+    """Perplexity and/or tasks; (the --json report, each size's scores by layer count for --write-cards)."""
+    from layersplice.evaluation.report import size_row
+
+    report: dict = {"layersplice_version": __version__, "name": meta["name"], "out": str(out),
+                    "perplexity": None, "tasks": None}
+    scores: dict[int, list[Score]] = {}
+    if request.data is not None:
+        results, paths = perplexity_run(sources, request, meta, out, shown)
+        report["perplexity"] = {"data": str(request.data), "sizes": [size_row(r) for r in results], "files": _paths(paths)}
+        for r in results:
+            scores.setdefault(r.layers, []).append(Score(request.data.name, "perplexity", r.perplexity))
     if tasks:
-        tasks_run(sources, request, meta, out, [t for t in tasks.split(",") if t], include_path, limit)
+        results, paths = tasks_run(sources, request, meta, out, tasks, include_path, limit, shown)
+        report["tasks"] = {"files": _paths(paths), "sizes": [
+            {"layers": r.layers, "parameters": r.parameters, "keep": r.keep, "scores": r.scores} for r in results]}
+        for r in results:
+            scores.setdefault(r.layers, []).extend(
+                Score(task, metric, value) for task, metrics in r.scores.items() for metric, value in metrics.items())
+    return report, scores
+
+
+def _paths(paths: dict[str, Path]) -> dict[str, str]:
+    return {kind: str(path) for kind, path in paths.items()}
 
 
 def perplexity_run(sources: Sources, request, meta: dict, out: Path, console: Console) -> tuple[list, dict[str, Path]]:
@@ -99,7 +137,9 @@ def perplexity_run(sources: Sources, request, meta: dict, out: Path, console: Co
     return results, paths
 
 
-def tasks_run(sources: Sources, request, meta: dict, out: Path, tasks: list[str], include_path, limit) -> None:
+def tasks_run(sources: Sources, request, meta: dict, out: Path, tasks: list[str], include_path, limit,
+              console: Console) -> tuple[list, dict[str, Path]]:
+    """Run lm-eval tasks, write tasks.json/csv/png into `out`, print the table; (results, paths)."""
     from layersplice.evaluation.lm_tasks import evaluate_tasks
     from layersplice.evaluation.report import task_table, write_task_report
 
@@ -109,6 +149,7 @@ def tasks_run(sources: Sources, request, meta: dict, out: Path, tasks: list[str]
     paths = write_task_report(out, results, {**meta, **run})
     task_table(console, results, f"lm-eval: {', '.join(tasks)}")
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False)
+    return results, paths
 
 
 @click.command()
