@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -12,25 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ALIGNMENTS
+from hub_support import put_snapshot
 
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
-
-
-def _put_snapshot(cache: Path, repo_id: str, commit: str, source: Path, ref: str | None = "main") -> None:
-    """Lay out files as huggingface_hub's cache does: blobs by hash, snapshot symlinks, refs."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for file in sorted(source.iterdir()):
-        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
-        if not blob.exists():
-            blob.write_bytes(file.read_bytes())
-        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
-    if ref:
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
 
 
 @pytest.fixture()
@@ -38,9 +22,9 @@ def hub_cache(tmp_path, checkpoints):
     pair = checkpoints("llama", ALIGNMENTS["1-2-2"])
     other = checkpoints("llama", ALIGNMENTS["2-2-1"])
     cache = tmp_path / "hub"
-    _put_snapshot(cache, "org/teacher", COMMIT_A, pair.teacher_dir)
-    _put_snapshot(cache, "org/student", COMMIT_A, pair.student_dir)
-    _put_snapshot(cache, "org/student", COMMIT_B, other.student_dir, ref=None)
+    put_snapshot(cache, "org/teacher", COMMIT_A, pair.teacher_dir)
+    put_snapshot(cache, "org/student", COMMIT_A, pair.student_dir)
+    put_snapshot(cache, "org/student", COMMIT_B, other.student_dir, ref=None)
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
     return cache, env
 
@@ -82,7 +66,7 @@ def test_a_file_missing_from_a_cached_repo_names_the_id(tmp_path, checkpoints, m
         if file.name != missing:
             (partial / file.name).write_bytes(file.read_bytes())
     cache = tmp_path / "hub"
-    _put_snapshot(cache, "org/partial", COMMIT_A, partial)
+    put_snapshot(cache, "org/partial", COMMIT_A, partial)
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
     result = _layersplice(env, "inspect", "org/partial")
     assert result.returncode == 2
