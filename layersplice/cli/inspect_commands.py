@@ -18,7 +18,8 @@ from layersplice.cli.options import (
     target_options,
     with_sources,
 )
-from layersplice.output.verify import VerifyError, verify_path
+from layersplice.errors import LayerspliceError
+from layersplice.output.verify import verify_path
 from layersplice.planning.job import single_layout
 from layersplice.units import format_bytes
 
@@ -98,7 +99,7 @@ def verify(path: Path, against_sources: bool, as_json: bool) -> None:
     """
     try:
         result = verify_path(path, against_sources)
-    except VerifyError as exc:
+    except LayerspliceError as exc:
         if as_json:  # CI parses stdout; the one-line error and exit 2 still follow
             click.echo(json.dumps({"ok": False, "path": str(path), "problem": str(exc)}, indent=2))
         raise

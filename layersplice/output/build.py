@@ -121,6 +121,45 @@ def size_name(name: str, plan: Plan) -> str:
     return f"{name}-{plan.n_layers}L"
 
 
+@dataclass(frozen=True)
+class _FamilyRun:
+    """What every size of one `build --all` run shares."""
+
+    job: Job
+    name: str
+    shard_size: int
+    order_record: dict
+    card: bool
+    sources: SourceFiles
+    progress: ProgressFn | None
+    on_size: Callable[[str, Plan, bool], None] | None
+
+    def size(self, keep: int | None, plan: Plan, parent: Path, force: bool | None = None) -> Built:
+        """One size in parent/<name>-<L>L: kept if an intact earlier build of exactly it is there, else written.
+
+        `force` None: parent is a temporary this run owns, so the size is written in place."""
+        sub = size_name(self.name, plan)
+        choice = {"layers": plan.n_layers, "keep": keep, **self.order_record}
+        files = _verified_files(self.job, plan, choice, parent / sub, self.card)
+        if self.on_size:
+            self.on_size(sub, plan, files is not None)
+        if files is not None:
+            if self.progress:
+                self.progress(plan.nbytes)
+        elif force is None:
+            shutil.rmtree(parent / sub, ignore_errors=True)
+            (parent / sub).mkdir()
+            files = self._write(plan, parent / sub, choice, sub)
+        else:
+            with atomic_directory(parent / sub, force) as tmp:
+                files = self._write(plan, tmp, choice, sub)
+        return Built(parent / sub, plan, {**files, PROVENANCE_FILE: file_record(parent / sub / PROVENANCE_FILE)})
+
+    def _write(self, plan: Plan, directory: Path, choice: dict, sub: str) -> dict[str, dict]:
+        return write_model(self.job, plan, directory, choice, self.shard_size, self.sources, self.progress,
+                           sub if self.card else None)
+
+
 def build_all(
     job: Job, order: Order, out: Path, name: str, shard_size: int, force: bool,
     progress: ProgressFn | None = None, on_size: Callable[[str, Plan, bool], None] | None = None,
@@ -134,10 +173,8 @@ def build_all(
     """
     plans = plans if plans is not None else all_plans(job, order)
     with atomic_directory(out, force, adopt=True) as tmp, SourceFiles() as sources:
-        built = [
-            _size(job, plan, keep, tmp, name, shard_size, sources, progress, on_size, order_record or {"order": order}, card)
-            for keep, plan in plans
-        ]
+        run = _FamilyRun(job, name, shard_size, order_record or {"order": order}, card, sources, progress, on_size)
+        built = [run.size(keep, plan, tmp) for keep, plan in plans]
         _record_family(tmp, name, job, [b.directory.name for b in built])
     return [Built(out / b.directory.name, b.plan, b.files) for b in built]
 
@@ -158,11 +195,9 @@ def build_part(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {out}: {exc.strerror}") from None
-    built = []
     with SourceFiles() as sources:
-        for keep, plan in plans:
-            built.append(_size(job, plan, keep, out, name, shard_size, sources, progress, on_size,
-                               order_record or {"order": order}, card, force))
+        run = _FamilyRun(job, name, shard_size, order_record or {"order": order}, card, sources, progress, on_size)
+        built = [run.size(keep, plan, out, force) for keep, plan in plans]
     _record_family(out, name, job, [b.directory.name for b in built])
     return built
 
@@ -179,31 +214,6 @@ def _check_family_dir(out: Path) -> None:
             f"{out} exists and holds no layersplice family (no {MANIFEST_FILE}); "
             "choose an empty or new --out for a family in parts"
         )
-
-
-def _size(
-    job: Job, plan: Plan, keep: int | None, parent: Path, name: str, shard_size: int, sources: SourceFiles,
-    progress: ProgressFn | None, on_size, order_record: dict, card: bool, force: bool | None = None,
-) -> Built:
-    """One size in parent/<name>-<L>L: kept if an intact earlier build of exactly it is there, else written.
-
-    `force` None: parent is a temporary this run owns, so the size is written in place."""
-    sub = size_name(name, plan)
-    choice = {"layers": plan.n_layers, "keep": keep, **order_record}
-    files = _verified_files(job, plan, choice, parent / sub, card)
-    if on_size:
-        on_size(sub, plan, files is not None)
-    if files is not None:
-        if progress:
-            progress(plan.nbytes)
-    elif force is None:
-        shutil.rmtree(parent / sub, ignore_errors=True)
-        (parent / sub).mkdir()
-        files = write_model(job, plan, parent / sub, choice, shard_size, sources, progress, sub if card else None)
-    else:
-        with atomic_directory(parent / sub, force) as tmp:
-            files = write_model(job, plan, tmp, choice, shard_size, sources, progress, sub if card else None)
-    return Built(parent / sub, plan, {**files, PROVENANCE_FILE: file_record(parent / sub / PROVENANCE_FILE)})
 
 
 def _record_family(out: Path, name: str, job: Job, directories: list[str]) -> None:

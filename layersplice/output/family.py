@@ -40,13 +40,14 @@ def size_entry(directory: Path) -> dict:
     provenance, problem = read_sealed(directory / PROVENANCE_FILE)
     if problem:
         raise FamilyProblem(f"{directory}: {problem}")
+    files = {**provenance["files"], PROVENANCE_FILE: file_record(directory / PROVENANCE_FILE)}
     return {
         "directory": directory.name,
         "layers": len(provenance["layers"]),
         "parameters": provenance["parameters"],
         "patched_blocks": provenance["patched_blocks"],
-        "files": {**provenance["files"], PROVENANCE_FILE: file_record(directory / PROVENANCE_FILE)},
-        "bytes": sum(f["size"] for f in provenance["files"].values()) + (directory / PROVENANCE_FILE).stat().st_size,
+        "files": files,
+        "bytes": sum(f["size"] for f in files.values()),
     }
 
 
@@ -148,7 +149,11 @@ def assembly_problem(out: Path, manifest: dict) -> str | None:
         if manifest["sizes"] != expected["sizes"]:
             return f"{MANIFEST_FILE} does not match the part records in {PARTS_DIR}/; {fix}"
     listed = {e["directory"] for e in manifest["sizes"]}
-    unlisted = sorted(p.parent.name for p in out.glob(f"*/{PROVENANCE_FILE}") if p.parent.name not in listed)
+    # Hidden folders are temporaries of writes in progress or killed, not sizes.
+    unlisted = sorted(
+        p.parent.name for p in out.glob(f"*/{PROVENANCE_FILE}")
+        if p.parent.name not in listed and not p.parent.name.startswith(".")
+    )
     if unlisted:
         return (
             f"{', '.join(unlisted)} in {out} but not in {MANIFEST_FILE}; copy its part record into "
