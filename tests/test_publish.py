@@ -88,6 +88,8 @@ def test_card_command_rebuilds_the_same_weights(family, hub_env, tmp_path):
     command = card.text.split("```bash\n")[1].split("\n```")[0]
     arguments = shlex.split(command)
     assert arguments[:2] == ["layersplice", "build"]
+    # pinned to the cached commits that were read (put_snapshot below: "a" * 40 and "b" * 40)
+    assert {("--teacher-revision", "a" * 40), ("--student-revision", "b" * 40)} <= set(zip(arguments, arguments[1:]))
     _ok(hub_env, *arguments[1:], cwd=tmp_path)
     assert load_file(tmp_path / "tiny-6L" / "model.safetensors").keys() == load_file(size / "model.safetensors").keys()
     assert (tmp_path / "tiny-6L" / "model.safetensors").read_bytes() == (size / "model.safetensors").read_bytes()

@@ -62,14 +62,21 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
 
     Tensor bytes are copied straight from the teacher and student files (no
     decoding unless --dtype asks for a cast), so memory stays small whatever
-    the model size. The output appears atomically.
+    the model size. The output appears atomically, with a model card
+    (README.md: Hub front matter, where each layer came from, the command
+    that rebuilds it) unless --no-card.
+
+    --all --sizes writes part of a family: runs into one OUT add their sizes
+    to it, each leaving its record in OUT/parts/ and updating
+    OUT/manifest.json (after copying parts from several machines together,
+    run `layersplice assemble OUT`).
 
     \b
     Examples:
       layersplice build --recipe recipes/llama3.yaml --keep 12
       layersplice build --teacher ./teacher --student ./student --keep 4 --out ./mid
       layersplice build --recipe recipes/tiny.yaml --all --out sizes/
-      layersplice build --recipe recipes/tiny.yaml --all --sizes 4,5 --out sizes/   (one part of a family)
+      layersplice build --recipe recipes/tiny.yaml --all --sizes 5,6 --out sizes/   (one part of a family)
       layersplice build --recipe recipes/tiny.yaml --keep 2 --out tiny-mid --json
       layersplice build --recipe recipes/qwen3.yaml --params 3B --out qwen3-3b
       layersplice build --recipe recipes/tiny.yaml --order kl --calib held-out.txt --keep 2 --out tiny-kl
@@ -212,8 +219,8 @@ def assemble_command(out: Path, as_json: bool) -> None:
 
     \b
     Example:
-      layersplice build --recipe recipes/tiny.yaml --all --sizes 4,5 --out part-a
-      layersplice build --recipe recipes/tiny.yaml --all --sizes 6,7 --out part-b
+      layersplice build --recipe recipes/tiny.yaml --all --sizes 5,6 --out part-a
+      layersplice build --recipe recipes/tiny.yaml --all --sizes 7,8 --out part-b
       cp -r part-a/. family/ && cp -r part-b/. family/
       layersplice assemble family && layersplice verify family
     """

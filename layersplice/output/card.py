@@ -8,6 +8,7 @@ ModelCard/ModelCardData, offline: no template download, no network.
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ PIPELINES = (
     ("ForQuestionAnswering", "question-answering", "AutoModelForQuestionAnswering"),
     ("Model", "feature-extraction", "AutoModel"),
 )
+COMMIT = re.compile(r"[0-9a-f]{40}")
 DTYPE_OPTIONS = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
 
 
@@ -134,10 +136,17 @@ tokenizer = AutoTokenizer.from_pretrained("{facts.name}")
 
 
 def source_arguments(checkpoint: Checkpoint, option: str, revision_option: str) -> list[str]:
-    """`--teacher REF [--teacher-revision R]`: a model as the command line names it."""
+    """`--teacher REF [--teacher-revision R]`: a model as the command line names it.
+
+    A Hub model is pinned to the commit that was read (the name of its
+    snapshot folder in the cache), so the command rebuilds these very bytes
+    after the repository moves on."""
     arguments = [option, checkpoint.reference]
-    if checkpoint.revision:
-        arguments += [revision_option, checkpoint.revision]
+    revision = checkpoint.revision
+    if is_hub_id(checkpoint) and COMMIT.fullmatch(checkpoint.directory.name):
+        revision = checkpoint.directory.name
+    if revision:
+        arguments += [revision_option, revision]
     return arguments
 
 
