@@ -196,3 +196,44 @@ def test_eval_writes_results_into_the_cards_and_verify_still_passes(family, hub_
         assert (entry.metric_type, entry.dataset_name) == ("perplexity", held_out.name)
         assert entry.metric_value == pytest.approx(perplexity)
     _ok(hub_env, "verify", str(evaluated))
+
+
+DESCRIBED = sorted(p.stem for p in (FIXTURES.parent / "layersplice" / "architectures").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model_type", DESCRIBED)
+def test_pipeline_tag_follows_transformers_task_mappings(model_type):
+    """transformers' own task tables name each family's classes: causal LM, masked LM, bare model."""
+    from transformers.models.auto import modeling_auto as auto
+
+    from layersplice.output.card import pipeline_of
+
+    expected = [
+        (auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "text-generation"),
+        (auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES, "fill-mask"),
+        (auto.MODEL_MAPPING_NAMES, "feature-extraction"),
+    ]
+    checked = 0
+    for mapping, pipeline in expected:
+        if model_type in mapping:
+            assert pipeline_of({"architectures": [mapping[model_type]]})[0] == pipeline
+            checked += 1
+    assert checked >= 2
+
+
+def test_concurrent_parts_into_one_out_lose_nothing(tmp_path, hub_env):
+    counts = _layer_counts(hub_env)
+    out = tmp_path / "family"
+    source = ["--teacher", TEACHER_ID, "--student", STUDENT_ID, "--all", "--name", "tiny", "--out", str(out)]
+    runs = [
+        subprocess.Popen([sys.executable, "-m", "layersplice", "build", *source, "--sizes", ",".join(map(str, part))],
+                         env=hub_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for part in (counts[::2], counts[1::2])
+    ]
+    for run in runs:
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr
+    # The manifest was written last by one of the two; it may predate the other's part record.
+    _ok(hub_env, "assemble", str(out))
+    assert [e["layers"] for e in json.loads((out / "manifest.json").read_text())["sizes"]] == counts
+    _ok(hub_env, "verify", str(out))
