@@ -68,3 +68,25 @@ def test_an_unknown_task_is_a_one_line_error_before_any_model_runs(eval_pair, ta
     pair = eval_pair("llama")
     result = CliRunner().invoke(cli, ["eval", *pair.args(), "--tasks", "no_such_task", "--include-path", str(task_dir)])
     assert result.exit_code == 2 and "no lm-eval task named 'no_such_task'" in result.output
+
+
+def test_write_cards_records_task_accuracies_and_the_family_still_verifies(eval_pair, task_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    pair = eval_pair("llama")
+    family = tmp_path / "family"
+    built = CliRunner().invoke(cli, ["build", *pair.args(), "--all", "--out", str(family)])
+    assert built.exit_code == 0, built.output
+    args = ["eval", *pair.args(), "--models", str(family), "--tasks", "tiny_docstring_mc", "--include-path",
+            str(task_dir), "--batch-size", "4", "--out", str(tmp_path / "out"), "--write-cards", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads((tmp_path / "out" / "tasks.json").read_text())
+    manifest = json.loads((family / "manifest.json").read_text())
+    directory = {entry["layers"]: entry["directory"] for entry in manifest["sizes"]}
+    for size in report["sizes"]:
+        card = ModelCard.load(family / directory[size["layers"]] / "README.md")
+        recorded = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+        assert recorded[("tiny_docstring_mc", "acc")] == pytest.approx(size["scores"]["tiny_docstring_mc"]["acc"])
+    verified = CliRunner().invoke(cli, ["verify", str(family)])
+    assert verified.exit_code == 0, verified.output
