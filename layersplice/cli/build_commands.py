@@ -7,7 +7,6 @@ from typing import Iterable
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from layersplice.cli import display
 from layersplice.cli.options import (
@@ -30,13 +29,6 @@ from layersplice.planning.sizes import all_plans
 from layersplice.units import parse_bytes
 
 console = Console()
-
-
-def _progress() -> Progress:
-    return Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-        TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
-    )
 
 
 @click.command()
@@ -71,7 +63,7 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
         target = out or (Path("out") / name)
         plans = all_plans(job, sources.order)
         _note_a_slow_cast(t for _, plan in plans for t in plan.tensors)
-        with _progress() as progress:
+        with display.progress_bar() as progress:
             task = progress.add_task("writing all sizes", total=sum(plan.nbytes for _, plan in plans))
             built = build_all(
                 job, sources.order, target, name, sources.shard_size, force, order_record=sources.order_record,
@@ -89,7 +81,7 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
             raise LayerspliceError("say where to write: --out DIR (or use a recipe with an 'out' pattern)")
         out = sources.recipe.output_path(plan.n_layers)
     _note_a_slow_cast(plan.tensors)
-    with _progress() as progress:
+    with display.progress_bar() as progress:
         task = progress.add_task(f"writing {out}", total=plan.nbytes)
         result = build_one(job, plan, out, choice, sources.shard_size, force, lambda n: progress.advance(task, n))
     display.built_table(console, [result], out)
@@ -148,7 +140,7 @@ def init_student_command(teacher, revision, recipe, first, every, last, copied_t
     alignment, origin = resolve_alignment(specs, layout.n_layers, None)
     cast = DTYPE_CHOICES[dtype] if dtype else None
     plan_bytes = student_init_plan(layout, alignment, cast).nbytes
-    with _progress() as progress:
+    with display.progress_bar() as progress:
         task = progress.add_task(f"writing {out}", total=plan_bytes)
         result = init_student(checkpoint, layout, alignment, origin, out, cast, parse_bytes(shard_size), force, lambda n: progress.advance(task, n))
     console.print(f"student of teacher layers {','.join(map(str, alignment.copied))} ({origin})")

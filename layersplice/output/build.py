@@ -6,7 +6,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from layersplice import __version__
 from layersplice.architectures.layout import Layout
@@ -14,7 +14,7 @@ from layersplice.checkpoint.atomic import atomic_directory
 from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.checkpoint.sealed_json import read_sealed, write_sealed
 from layersplice.checkpoint.source import INDEX_FILE, SIDE_FILES, Checkpoint
-from layersplice.checkpoint.writer import ProgressFn, SourceFiles, WrittenFile, write_shards
+from layersplice.checkpoint.writer import ProgressFn, SourceFiles, WriteItem, WrittenFile, write_shards
 from layersplice.output.verify import MANIFEST_FILE, PROVENANCE_FILE, VerifyError, check_files
 from layersplice.planning.alignment import STUDENT_CONFIG_NAME, Alignment
 from layersplice.planning.blocks import Order
@@ -38,26 +38,26 @@ def write_model(
     """Write one splice into an existing empty directory; returns {file: {size, blake3}}."""
     config, rewritten = spliced_config(job.layouts, plan, job.configs, job.cast)
     side_dir = job.checkpoint(plan.embeddings_from).directory
-    files = write_checkpoint(directory, plan, config, side_dir, shard_size, sources, progress)
+    files = write_checkpoint(directory, plan.tensors, config, side_dir, shard_size, sources, progress)
     write_sealed(directory / PROVENANCE_FILE, _provenance(job, plan, choice, rewritten, files))
     return files
 
 
 def write_checkpoint(
-    directory: Path, plan: Plan, config: dict, side_dir: Path, shard_size: int, sources: SourceFiles,
-    progress: ProgressFn | None,
+    directory: Path, tensors: Sequence[WriteItem], config: dict, side_dir: Path, shard_size: int,
+    sources: SourceFiles, progress: ProgressFn | None,
 ) -> dict[str, dict]:
     """Shards, index, config and the tokenizer/generation files of `side_dir`.
 
     Shards are hashed while they are written; the small files after."""
-    shards = write_shards(directory, plan.tensors, shard_size, sources, progress)
-    _write_json(directory / INDEX_FILE, _index(shards, plan.nbytes))
-    _write_json(directory / "config.json", config)
+    shards = write_shards(directory, tensors, shard_size, sources, progress)
+    write_json(directory / INDEX_FILE, _index(shards, sum(t.nbytes for t in tensors)))
+    write_json(directory / "config.json", config)
     for name in SIDE_FILES:
         if (side_dir / name).is_file():
             shutil.copyfile(side_dir / name, directory / name)
     written = {shard.name: {"size": shard.size, CHECKSUM: shard.blake3} for shard in shards}
-    return {p.name: written.get(p.name) or _file_record(p) for p in sorted(directory.iterdir())}
+    return {p.name: written.get(p.name) or file_record(p) for p in sorted(directory.iterdir())}
 
 
 def _index(shards: list[WrittenFile], total_size: int) -> dict:
@@ -91,7 +91,7 @@ def _provenance(job: Job, plan: Plan, choice: dict, rewritten: dict[str, str], f
     }
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -130,13 +130,13 @@ def build_all(
                 files = write_model(job, plan, tmp / sub, choice, shard_size, sources, progress)
             elif progress:
                 progress(plan.nbytes)
-            files = {**files, PROVENANCE_FILE: _file_record(tmp / sub / PROVENANCE_FILE)}
+            files = {**files, PROVENANCE_FILE: file_record(tmp / sub / PROVENANCE_FILE)}
             built.append(Built(out / sub, plan, files))
         write_sealed(tmp / MANIFEST_FILE, _manifest(job, built))
     return built
 
 
-def _file_record(path: Path) -> dict:
+def file_record(path: Path) -> dict:
     return {"size": path.stat().st_size, CHECKSUM: blake3_file(path)}
 
 
@@ -182,8 +182,8 @@ def init_student(
     plan = student_init_plan(layout, alignment, cast)
     config, rewritten = spliced_config({TEACHER: layout}, plan, {TEACHER: teacher.config}, cast)
     with atomic_directory(out, force) as tmp, SourceFiles() as sources:
-        files = write_checkpoint(tmp, plan, config, teacher.directory, shard_size, sources, progress)
-        _write_json(tmp / STUDENT_CONFIG_NAME, alignment.student_config())
+        files = write_checkpoint(tmp, plan.tensors, config, teacher.directory, shard_size, sources, progress)
+        write_json(tmp / STUDENT_CONFIG_NAME, alignment.student_config())
         write_sealed(tmp / PROVENANCE_FILE, {
             "layersplice_version": __version__,
             "kind": "init-student",

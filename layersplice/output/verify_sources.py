@@ -40,6 +40,8 @@ def _replan(provenance: dict) -> list[PlannedTensor]:
 
 
 def check_against_sources(directory: Path, provenance: dict, output: Checkpoint) -> None:
+    if provenance.get("kind") == "transfer":
+        return _check_transfer(directory, provenance, output)
     try:
         planned = _replan(provenance)
     except LayerspliceError as exc:
@@ -60,6 +62,17 @@ def check_against_sources(directory: Path, provenance: dict, output: Checkpoint)
                     f"in {part.source.file}"
                 )
             start += part.nbytes
+
+
+def _check_transfer(directory: Path, provenance: dict, output: Checkpoint) -> None:
+    """A transfer's tensors are computed, not copied: recompute each one from its three sources."""
+    from layersplice.output.transfer_check import check_transfer, replan_transfer
+
+    try:
+        planned = replan_transfer(provenance, _source_ref)
+    except LayerspliceError as exc:
+        raise SourceMismatch(f"{directory}: cannot re-open the sources recorded in layersplice.json: {exc}") from None
+    check_transfer(directory, planned, output, SourceMismatch)
 
 
 def _same_bytes(item: PlannedTensor, out_file: Path, out_start: int) -> bool:

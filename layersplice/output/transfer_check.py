@@ -1,0 +1,71 @@
+"""verify --against-sources for a transfer: re-plan from the recorded sources and
+recompute teacher + (student - base_teacher) with torch, chunk by chunk, as an
+independent check of the streamed arithmetic (checkpoint/delta.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from layersplice.checkpoint.delta import DeltaTensor
+from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, TensorInfo
+from layersplice.checkpoint.source import Checkpoint
+from layersplice.errors import LayerspliceError
+from layersplice.planning.alignment import AlignmentSpec
+from layersplice.planning.transfer import BASE, STUDENT, VARIANT, open_transfer
+
+CHUNK_ELEMENTS = 4 << 20
+
+
+def replan_transfer(provenance: dict, source_ref) -> tuple[DeltaTensor, ...]:
+    """The transfer's tensors, re-planned from the sources layersplice.json records."""
+    sources = provenance["sources"]
+    references = {role: source_ref(sources[role]) for role in (BASE, VARIANT, STUDENT)}
+    spec = AlignmentSpec(copied=tuple(provenance["alignment"]["copied_teacher_layers"]), origin="the provenance")
+    return open_transfer(references, {}, [spec]).tensors
+
+
+def check_transfer(directory: Path, planned: tuple[DeltaTensor, ...], output: Checkpoint, mismatch: type[LayerspliceError]) -> None:
+    names = {t.name for t in planned}
+    if names != set(output.tensors):
+        odd = sorted(names ^ set(output.tensors))[0]
+        raise mismatch(f"{directory}: tensor {odd!r} does not match the transfer re-planned from the sources")
+    for item in planned:
+        out = output.tensors[item.name]
+        if out.dtype != item.dtype or out.shape != item.shape:
+            raise mismatch(
+                f"{directory}: tensor {item.name!r} has dtype/shape {out.dtype} {list(out.shape)}, "
+                f"sources say {item.dtype} {list(item.shape)}"
+            )
+        if not _recomputes(item, out):
+            raise mismatch(
+                f"{directory}: tensor {item.name!r} is not teacher + (student - base_teacher) of "
+                f"{item.variant.name!r}, {item.source.name!r} and {item.base.name!r}"
+            )
+
+
+def _recomputes(item: DeltaTensor, out: TensorInfo) -> bool:
+    import torch
+
+    for first in range(0, item.numel, CHUNK_ELEMENTS):
+        count = min(CHUNK_ELEMENTS, item.numel - first)
+        variant, student, base = (_read(info, first, count).float() for info in (item.variant, item.source, item.base))
+        expected = (variant + (student - base)).to(_torch_dtype(item.dtype))
+        if not torch.equal(expected.view(torch.uint8), _read(out, first, count).view(torch.uint8)):
+            return False
+    return True
+
+
+def _read(info: TensorInfo, first: int, count: int):
+    import torch
+
+    size = DTYPE_SIZES[info.dtype]
+    with open(info.file, "rb") as f:
+        data = os.pread(f.fileno(), count * size, info.start + first * size)
+    return torch.frombuffer(bytearray(data), dtype=_torch_dtype(info.dtype))
+
+
+def _torch_dtype(dtype: str):
+    from layersplice.checkpoint.torch_dtypes import TORCH_DTYPES
+
+    return TORCH_DTYPES[dtype]
