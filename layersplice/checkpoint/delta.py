@@ -4,7 +4,10 @@ transfer of a distilled student's change onto a post-trained teacher (METHOD.md 
 Each output tensor reads the same element range of three source tensors,
 widens them to float32, computes `variant + (student - base)` in exactly that
 order, and rounds to the output dtype with the casts of checkpoint/cast.py
-(round to nearest even for BF16, as torch does). The writer runs these chunks
+(round to nearest even for BF16, as torch does). Where an element of the
+variant equals the base's, the result is the student's element itself (the
+formula's exact value), so a variant equal to its base gives the student
+back byte for byte. The writer runs these chunks
 like casts, in its worker threads and pooled buffers, so memory stays a few
 buffers whatever the model size.
 
@@ -74,14 +77,14 @@ class DeltaTensor:
 _per_thread = threading.local()
 
 
-def _operands():
-    """This thread's three float32 work arrays (variant, student, base), allocated once."""
+def _work():
+    """This thread's float32 arrays (variant, student, base, student - base) and mask, allocated once."""
     from layersplice.checkpoint.cast import IO_ELEMENTS, _numpy
 
-    if not hasattr(_per_thread, "operands"):
+    if not hasattr(_per_thread, "work"):
         np = _numpy()
-        _per_thread.operands = tuple(np.empty(IO_ELEMENTS, np.float32) for _ in range(3))
-    return _per_thread.operands
+        _per_thread.work = (*(np.empty(IO_ELEMENTS, np.float32) for _ in range(4)), np.empty(IO_ELEMENTS, bool))
+    return _per_thread.work
 
 
 def _read_f32(fd: int, info: TensorInfo, first: int, count: int, out) -> None:
@@ -105,16 +108,20 @@ def _delta_chunk(item: DeltaTensor, fds: tuple[int, int, int], first: int, count
     from layersplice.checkpoint.cast import _numpy, cast_for
 
     np = _numpy()
-    variant, student, base = (array[:count] for array in _operands())
+    variant, student, base, change, unchanged = (array[:count] for array in _work())
     for fd, info, array in zip(fds, (item.variant, item.source, item.base), (variant, student, base)):
         _read_f32(fd, info, first, count, array)
-    np.subtract(student, base, out=student)  # student - base
-    np.subtract(variant, base, out=base)  # variant - base, for the similarity only
+    np.subtract(student, base, out=change)  # student - base
+    np.subtract(variant, base, out=base)  # variant - base, for the similarity and the mask
     if item.sink is not None:
         item.sink(item.name, first, (
-            float(np.einsum("i,i->", base, student, dtype=np.float64)),
+            float(np.einsum("i,i->", base, change, dtype=np.float64)),
             float(np.einsum("i,i->", base, base, dtype=np.float64)),
-            float(np.einsum("i,i->", student, student, dtype=np.float64)),
+            float(np.einsum("i,i->", change, change, dtype=np.float64)),
         ))
-    np.add(variant, student, out=variant)  # variant + (student - base)
+    np.add(variant, change, out=variant)  # variant + (student - base)
+    # Where the variant left an element as it was, the exact result is the student's
+    # own value, which rounding student - base to float32 can miss by an ulp.
+    np.equal(base, 0, out=unchanged)
+    np.copyto(variant, student, where=unchanged)
     return cast_for("F32", item.dtype).convert(memoryview(variant).cast("B"), output)

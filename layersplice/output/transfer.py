@@ -22,7 +22,10 @@ from layersplice.planning.plan import TEACHER
 from layersplice.planning.transfer import EMBEDDINGS, HEAD, VARIANT, Transfer
 
 KIND = "transfer"
-FORMULA = "teacher + (student - base_teacher), in float32 in that order, rounded to the student's dtype (nearest even)"
+FORMULA = (
+    "teacher + (student - base_teacher), in float32 in that order, rounded to the student's dtype "
+    "(nearest even); the student's own value where teacher = base_teacher"
+)
 
 
 class Similarity:

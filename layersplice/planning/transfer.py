@@ -140,10 +140,10 @@ def _check_student(base: Model, student: Model, alignment: Alignment, base_init:
     planned = {t.name: t for t in base_init.tensors}
     if set(planned) != set(s_tensors):
         name = sorted(set(planned) ^ set(s_tensors))[0]
-        where = "the student has" if name in s_tensors else "init-student of the base teacher makes"
-        raise TransferError(
-            f"the student does not match the base teacher's kept layers: {where} {name!r} and the other does not"
-        )
+        problem = (f"the student has {name!r}, which init-student of the base teacher does not make"
+                   if name in s_tensors else f"the student has no {name!r}, which init-student of the base teacher makes")
+        tying = " (a tied head in one and not the other)" if base.layout.tied != student.layout.tied else ""
+        raise TransferError(f"the student does not match the base teacher's kept layers: {problem}{tying}")
     for name in sorted(planned):
         if planned[name].shape != s_tensors[name].shape:
             raise TransferError(

@@ -1,0 +1,58 @@
+"""`layersplice transfer` streams: its memory stays under build's bound.
+
+The ~680 MB base teacher and ~430 MB student of the build memory test, and a
+~680 MB variant with other random weights, are written one shard at a time;
+a fresh interpreter runs the transfer and reports its child's peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors_files import tensor_locations
+from test_build_memory import COPIED, MEASURE, N_TEACHER, PEAK_RSS_LIMIT_MIB, REPO_ROOT, _write_sharded, big_pair  # noqa: F401
+
+TRANSFER_TIMEOUT_S = 120
+CHECKED_TENSORS = ("model.embed_tokens.weight", "model.layers.3.mlp.down_proj.weight", "lm_head.weight")
+
+
+@pytest.mark.slow
+def test_transfer_of_a_large_checkpoint_stays_under_the_build_memory_bound(big_pair, tmp_path):  # noqa: F811
+    base, student = big_pair
+    variant = tmp_path / "variant"
+    _write_sharded(variant, N_TEACHER, seed=2)
+    source_bytes = sum(p.stat().st_size for d in (base, variant, student) for p in d.glob("*.safetensors"))
+    assert source_bytes > 8 * PEAK_RSS_LIMIT_MIB * 2**20
+
+    out = tmp_path / "out"
+    args = ["transfer", "--base-teacher", str(base), "--teacher", str(variant), "--student", str(student),
+            "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(TRANSFER_TIMEOUT_S), *args],
+        capture_output=True, text=True, env=env, timeout=TRANSFER_TIMEOUT_S + 10, check=True,
+    )
+    report = json.loads(done.stdout)
+    assert report["returncode"] == 0, report["output"]
+    peak_mib = report["peak_rss_kib"] / 1024
+    assert peak_mib < PEAK_RSS_LIMIT_MIB, f"peak RSS {peak_mib:.0f} MiB"
+
+    written = tensor_locations(out)
+    assert sum(loc.end - loc.start for loc in written.values()) == sum(
+        loc.end - loc.start for loc in tensor_locations(student).values())
+    for name in CHECKED_TENSORS:  # a few tensors end to end, each read alone
+        teacher_name = name.replace("layers.3.", f"layers.{COPIED[3]}.")
+        v, s, b = (_read(d, n) for d, n in ((variant, teacher_name), (student, name), (base, teacher_name)))
+        assert torch.equal(_read(out, name), torch.where(v == b, s, v + (s - b)))
+
+
+def _read(directory, name: str) -> torch.Tensor:
+    location = tensor_locations(directory)[name]
+    with safe_open(location.path, "pt") as f:
+        return f.get_tensor(name)
