@@ -36,20 +36,21 @@ class Similarity:
     every run."""
 
     def __init__(self) -> None:
-        self._chunks: dict[tuple[str, int], Products] = {}
+        self._chunks: dict[str, dict[int, Products]] = {}
         self._lock = threading.Lock()
 
     def add(self, name: str, first: int, products: Products) -> None:
         with self._lock:
-            self._chunks[(name, first)] = products
+            self._chunks.setdefault(name, {})[first] = products
 
     def summary(self, transfer: Transfer) -> dict:
         """Cosine similarity in total, of the embeddings, the final norm + head and each student layer."""
         by_group: dict[str, list[float]] = {}
         for tensor in transfer.tensors:
             sums = by_group.setdefault(transfer.groups[tensor.name], [0.0, 0.0, 0.0])
-            for key in sorted(k for k in self._chunks if k[0] == tensor.name):
-                for i, value in enumerate(self._chunks[key]):
+            chunks = self._chunks.get(tensor.name, {})
+            for first in sorted(chunks):
+                for i, value in enumerate(chunks[first]):
                     sums[i] += value
         total = [sum(sums[i] for sums in by_group.values()) for i in range(3)]
         layers = [
