@@ -114,6 +114,15 @@ def test_transfer_equals_torch_computing_the_formula(trio, tmp_path, arch, dtype
     assert all(written[name].dtype == DTYPES[dtype] for name in written)
 
 
+def test_the_output_keeps_the_students_dtype_when_the_teachers_are_stored_in_another(trio, tmp_path):
+    base, variant, _ = trio("qwen3", "bf16")
+    _, _, student = trio("qwen3", "fp32")
+    out = _transfer(base, variant, student, tmp_path / "out")
+    written, expected = _tensors(out), _expected(base, variant, student)
+    assert all(written[name].dtype == torch.float32 for name in written)
+    assert [name for name in expected if not torch.equal(written[name], expected[name])] == []
+
+
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_a_variant_equal_to_its_base_gives_the_student_byte_for_byte(trio, tmp_path, dtype):
     base, _, student = trio("llama", dtype)
