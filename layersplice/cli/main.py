@@ -98,6 +98,7 @@ def cli(debug: bool) -> None:
       layersplice plan --recipe recipes/tiny.yaml   every reachable size
       layersplice build --recipe recipes/tiny.yaml --keep 2
       layersplice build --teacher T --student S --all --out sizes/
+      layersplice transfer --base-teacher T --teacher T-Instruct --student S --out S-Instruct
     """
 
 
