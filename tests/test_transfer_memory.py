@@ -7,16 +7,11 @@ a fresh interpreter runs the transfer and reports its child's peak RSS.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors_files import tensor_locations
-from test_build_memory import COPIED, MEASURE, N_TEACHER, PEAK_RSS_LIMIT_MIB, REPO_ROOT, _write_sharded, big_pair  # noqa: F401
+from test_build_memory import COPIED, N_TEACHER, PEAK_RSS_LIMIT_MIB, _write_sharded, big_pair, peak_rss_mib  # noqa: F401
 
 TRANSFER_TIMEOUT_S = 120
 CHECKED_TENSORS = ("model.embed_tokens.weight", "model.layers.3.mlp.down_proj.weight", "lm_head.weight")
@@ -33,14 +28,7 @@ def test_transfer_of_a_large_checkpoint_stays_under_the_build_memory_bound(big_p
     out = tmp_path / "out"
     args = ["transfer", "--base-teacher", str(base), "--teacher", str(variant), "--student", str(student),
             "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(TRANSFER_TIMEOUT_S), *args],
-        capture_output=True, text=True, env=env, timeout=TRANSFER_TIMEOUT_S + 10, check=True,
-    )
-    report = json.loads(done.stdout)
-    assert report["returncode"] == 0, report["output"]
-    peak_mib = report["peak_rss_kib"] / 1024
+    peak_mib = peak_rss_mib(args, TRANSFER_TIMEOUT_S)
     assert peak_mib < PEAK_RSS_LIMIT_MIB, f"peak RSS {peak_mib:.0f} MiB"
 
     written = tensor_locations(out)

@@ -5,12 +5,9 @@ independent check of the streamed arithmetic (checkpoint/delta.py)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from layersplice.checkpoint.delta import DeltaTensor
 from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, TensorInfo
-from layersplice.checkpoint.source import Checkpoint
-from layersplice.errors import LayerspliceError
 from layersplice.planning.alignment import AlignmentSpec
 from layersplice.planning.transfer import BASE, STUDENT, VARIANT, open_transfer
 
@@ -25,26 +22,8 @@ def replan_transfer(provenance: dict, source_ref) -> tuple[DeltaTensor, ...]:
     return open_transfer(references, {}, [spec]).tensors
 
 
-def check_transfer(directory: Path, planned: tuple[DeltaTensor, ...], output: Checkpoint, mismatch: type[LayerspliceError]) -> None:
-    names = {t.name for t in planned}
-    if names != set(output.tensors):
-        odd = sorted(names ^ set(output.tensors))[0]
-        raise mismatch(f"{directory}: tensor {odd!r} does not match the transfer re-planned from the sources")
-    for item in planned:
-        out = output.tensors[item.name]
-        if out.dtype != item.dtype or out.shape != item.shape:
-            raise mismatch(
-                f"{directory}: tensor {item.name!r} has dtype/shape {out.dtype} {list(out.shape)}, "
-                f"sources say {item.dtype} {list(item.shape)}"
-            )
-        if not _recomputes(item, out):
-            raise mismatch(
-                f"{directory}: tensor {item.name!r} is not teacher + (student - base_teacher) of "
-                f"{item.variant.name!r}, {item.source.name!r} and {item.base.name!r}"
-            )
-
-
-def _recomputes(item: DeltaTensor, out: TensorInfo) -> bool:
+def recomputes(item: DeltaTensor, out: TensorInfo) -> bool:
+    """Whether the output tensor `out` holds item's arithmetic, recomputed chunk by chunk."""
     import torch
 
     for first in range(0, item.numel, CHUNK_ELEMENTS):
