@@ -253,3 +253,13 @@ def test_each_mismatch_is_refused_in_one_line_before_anything_is_written(checkpo
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output
     assert list(work.iterdir()) == []
+
+
+def test_the_output_never_replaces_one_of_its_inputs(trio, tmp_path):
+    base, variant, student = trio("llama", "fp32")
+    earlier = _transfer(base, variant, student, tmp_path / "earlier")  # a layersplice output, so --force could replace it
+    before = {p.name: p.read_bytes() for p in earlier.iterdir()}
+    result = _invoke("transfer", "--base-teacher", base, "--teacher", variant, "--student", earlier,
+                     "--out", earlier, "--force")
+    assert result.exit_code == 2 and "student's own directory" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before

@@ -14,6 +14,7 @@ from layersplice.checkpoint.atomic import atomic_directory
 from layersplice.checkpoint.delta import Products
 from layersplice.checkpoint.sealed_json import write_sealed
 from layersplice.checkpoint.writer import ProgressFn, SourceFiles
+from layersplice.errors import OutputError
 from layersplice.output.build import file_record, write_checkpoint, write_json
 from layersplice.output.verify import PROVENANCE_FILE
 from layersplice.planning.alignment import STUDENT_CONFIG_NAME
@@ -85,6 +86,9 @@ def write_transfer(
     transfer: Transfer, out: Path, shard_size: int, force: bool, progress: ProgressFn | None = None,
 ) -> Transferred:
     """Stream every output tensor into `out`, atomically, with config, tokenizer and provenance."""
+    for role, model in sorted(transfer.models.items()):
+        if Path(out).resolve() == model.checkpoint.directory.resolve():
+            raise OutputError(f"--out {out} is the {role.replace('_', ' ')}'s own directory; write the transfer elsewhere")
     similarity = Similarity()
     tensors = [dataclasses.replace(t, sink=similarity.add) for t in transfer.tensors]
     variant = transfer.models[VARIANT]
