@@ -263,3 +263,32 @@ def test_the_output_never_replaces_one_of_its_inputs(trio, tmp_path):
                      "--out", earlier, "--force")
     assert result.exit_code == 2 and "student's own directory" in result.output, result.output
     assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
+
+
+def test_hub_ids_and_revisions_name_the_three_models(trio, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_hub_cache import COMMIT_A, COMMIT_B, _put_snapshot
+
+    base, variant, student = trio("llama", "bf16")
+    cache = tmp_path / "hub"
+    _put_snapshot(cache, "org/base", COMMIT_A, base)
+    _put_snapshot(cache, "org/variant", COMMIT_A, variant)
+    _put_snapshot(cache, "org/variant", COMMIT_B, base, ref=None)  # an older revision: the base itself
+    _put_snapshot(cache, "org/student", COMMIT_A, student)
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "layersplice", "transfer", "--base-teacher", "org/base", "--teacher", "org/variant",
+         "--teacher-revision", COMMIT_B, "--student", "org/student", "--out", str(out)],
+        capture_output=True, text=True, env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    sources = json.loads((out / "layersplice.json").read_text())["sources"]
+    assert {role: s["reference"] for role, s in sources.items()} == {
+        "base_teacher": "org/base", "teacher": "org/variant", "student": "org/student"}
+    assert sources["teacher"]["revision"] == COMMIT_B
+    written, original = _tensors(out), _tensors(student)  # revision B is the base: the student comes back
+    assert all(torch.equal(written[k].view(torch.uint8), original[k].view(torch.uint8)) for k in original)
