@@ -127,6 +127,18 @@ def _same_bytes(a: TensorLocation, b: TensorLocation, chunk: int = 8 << 20) -> b
     return True
 
 
+def peak_rss_mib(args: list[str], timeout_s: float) -> float:
+    """Run `layersplice ARGS` as the only child of a fresh interpreter; its peak RSS (fails the test if it fails)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(timeout_s), *args],
+        capture_output=True, text=True, env=env, timeout=timeout_s + 10, check=True,
+    )
+    report = json.loads(done.stdout)
+    assert report["returncode"] == 0, report["output"]
+    return report["peak_rss_kib"] / 1024
+
+
 @pytest.mark.slow
 def test_build_of_a_large_checkpoint_stays_under_the_memory_bound(big_pair, tmp_path):
     teacher, student = big_pair
@@ -136,14 +148,7 @@ def test_build_of_a_large_checkpoint_stays_under_the_memory_bound(big_pair, tmp_
     out = tmp_path / "out"
     args = ["build", "--teacher", str(teacher), "--student", str(student), "--out", str(out),
             "--keep", str(N_KEEP), "--order", "last"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(BUILD_TIMEOUT_S), *args],
-        capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S + 10, check=True,
-    )
-    report = json.loads(done.stdout)
-    assert report["returncode"] == 0, report["output"]
-    peak_mib = report["peak_rss_kib"] / 1024
+    peak_mib = peak_rss_mib(args, BUILD_TIMEOUT_S)
     assert peak_mib < PEAK_RSS_LIMIT_MIB, f"peak RSS {peak_mib:.0f} MiB"
 
     written = tensor_locations(out)

@@ -1,5 +1,6 @@
 """Write safetensors shards by copying source byte ranges: the header first, then
-kernel-side copies of coalesced ranges, or a chunked cast where a dtype changes.
+kernel-side copies of coalesced ranges, or a chunked cast where a dtype changes
+(or chunked arithmetic on several sources, for items that compute their bytes).
 
 Tensor bytes never become Python or torch objects: copies run in the kernel
 (checkpoint/kernel.py: splice, else copy_file_range, sendfile, buffered
@@ -23,7 +24,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from layersplice.checkpoint import kernel
 from layersplice.checkpoint.digest import TrailingDigest
@@ -35,6 +36,8 @@ FORMAT_METADATA = {"format": "pt"}
 COPY_CHUNK = 16 << 20
 CAST_WORKERS = 2  # threads that read and convert cast chunks (conversion and I/O release the GIL)
 ProgressFn = Callable[[int], None]
+# (first element, element count, output buffer) -> the output bytes of that chunk.
+ChunkFn = Callable[[int, int, bytearray], memoryview]
 
 
 class WriteItem(Protocol):
@@ -54,6 +57,14 @@ class WriteItem(Protocol):
     @property
     def parts(self) -> Sequence[WriteItem]:
         """Items of one source range each, written one after another (a fused tensor has several)."""
+
+
+@runtime_checkable
+class Computed(Protocol):
+    """An item whose bytes are computed from several sources (checkpoint/delta.py) rather
+    than cast from one: it hands the writer its own chunk function."""
+
+    def chunks(self, fd: Callable[[Path], int]) -> ChunkFn: ...
 
 
 @dataclass(frozen=True)
@@ -156,12 +167,12 @@ def _write_file(path: Path, items: Sequence[WriteItem], sources: SourceFiles, pr
         digest.written(offset)
         for run in runs:
             first = run[0]
-            src = sources.fd(first.source.file)
             if first.is_copy:
+                src = sources.fd(first.source.file)
                 length = run[-1].source.end - first.source.start
                 offset = _copy_range(src, fd, first.source.start, offset, length, digest, progress)
             else:
-                offset = _cast_range(src, fd, first, offset, digest, progress)
+                offset = _convert_range(fd, first, _chunk_function(first, sources), offset, digest, progress)
         return offset, digest.finish()
     finally:
         if digest is not None:
@@ -228,8 +239,17 @@ def _copy_range(
     return dst_off + length
 
 
-def _cast_range(src: int, dst: int, item: WriteItem, dst_off: int, digest: TrailingDigest, progress: ProgressFn) -> int:
-    """Cast one source range in chunks; returns the output offset after it.
+def _chunk_function(item: WriteItem, sources: SourceFiles) -> ChunkFn:
+    if isinstance(item, Computed):
+        return item.chunks(sources.fd)
+    return functools.partial(_cast_chunk, sources.fd(item.source.file), item.source, item.dtype)
+
+
+def _convert_range(
+    dst: int, item: WriteItem, convert: ChunkFn, dst_off: int, digest: TrailingDigest, progress: ProgressFn
+) -> int:
+    """Write one item converted chunk by chunk (a cast, or a computed item); returns the
+    output offset after it.
 
     CAST_WORKERS threads read and convert chunks into buffers from a small
     pool; this thread writes them in order (two threads writing one file
@@ -269,7 +289,7 @@ def _cast_range(src: int, dst: int, item: WriteItem, dst_off: int, digest: Trail
         for first in range(0, info.numel, IO_ELEMENTS):
             count = min(IO_ELEMENTS, info.numel - first)
             buffer = free_buffer()
-            future = _cast_pool().submit(_cast_chunk, src, info, item.dtype, info.start + first * in_size, count, buffer)
+            future = _cast_pool().submit(convert, first, count, buffer)
             pending.append((future, buffer, count))
         while pending:
             write_oldest()
@@ -293,12 +313,12 @@ def _cast_buffers(dtype: str, elements: int) -> queue.SimpleQueue[bytearray]:
     return pool
 
 
-def _cast_chunk(src: int, info: TensorInfo, dtype: str, src_off: int, count: int, output) -> memoryview:
+def _cast_chunk(src: int, info: TensorInfo, dtype: str, first: int, count: int, output) -> memoryview:
     from layersplice.checkpoint.cast import cast_for
 
     cast = cast_for(info.dtype, dtype)
     source = cast.input[: count * cast.in_size]
-    if os.preadv(src, [source], src_off) != len(source):
+    if os.preadv(src, [source], info.start + first * cast.in_size) != len(source):
         raise OSError(errno.EIO, f"{info.file}: tensor {info.name} is truncated")
     return cast.convert(source, output)
 

@@ -8,7 +8,6 @@ from typing import Iterable
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from layersplice.cli import display
 from layersplice.cli.options import (
@@ -35,13 +34,6 @@ from layersplice.units import parse_bytes
 console = Console()
 no_card_option = click.option("--no-card", is_flag=True, help="Leave out the model card (README.md) written into every output.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout (paths, layers, parameters, bytes, checksums); messages go to stderr.")
-
-
-def _progress() -> Progress:
-    return Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-        TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
-    )
 
 
 @click.command()
@@ -99,7 +91,7 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
             raise LayerspliceError("say where to write: --out DIR (or use a recipe with an 'out' pattern)")
         out = sources.recipe.output_path(plan.n_layers)
     _note_a_slow_cast(plan.tensors)
-    with _progress() as progress:
+    with display.progress_bar() as progress:
         task = progress.add_task(f"writing {out}", total=plan.nbytes)
         result = build_one(job, plan, out, choice, sources.shard_size, force, lambda n: progress.advance(task, n),
                            card=not no_card)
@@ -114,7 +106,7 @@ def _build_family(sources: Sources, target: Path, name: str, sizes: str | None, 
         plans = _pick_sizes(plans, parse_layer_list(sizes))
     _note_a_slow_cast(t for _, plan in plans for t in plan.tensors)
     write = build_all if sizes is None else build_part
-    with _progress() as progress:
+    with display.progress_bar() as progress:
         task = progress.add_task("writing all sizes", total=sum(plan.nbytes for _, plan in plans))
         return write(
             job, sources.order, target, name, sources.shard_size, force, order_record=sources.order_record,
@@ -198,7 +190,7 @@ def init_student_command(teacher, revision, recipe, first, every, last, copied_t
     alignment, origin = resolve_alignment(specs, layout.n_layers, None)
     cast = DTYPE_CHOICES[dtype] if dtype else None
     plan_bytes = student_init_plan(layout, alignment, cast).nbytes
-    with _progress() as progress:
+    with display.progress_bar() as progress:
         task = progress.add_task(f"writing {out}", total=plan_bytes)
         result = init_student(checkpoint, layout, alignment, origin, out, cast, parse_bytes(shard_size), force,
                               lambda n: progress.advance(task, n), card=not no_card)

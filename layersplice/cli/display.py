@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -17,6 +18,14 @@ from layersplice.planning.blocks import by_patch, keep_sequence, multi_layer_blo
 from layersplice.planning.job import Job
 from layersplice.planning.plan import PlanSize, SizeTable
 from layersplice.units import format_bytes, format_params
+
+
+def progress_bar() -> Progress:
+    """Bytes written so far, on stderr, gone when done."""
+    return Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+        TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+    )
 
 
 def plan_rows(job: Job, order: str) -> list[tuple[int, PlanSize, int | None]]:

@@ -14,7 +14,7 @@ import traceback
 import click
 
 from layersplice import __version__
-from layersplice.cli import build_commands, eval_commands, inspect_commands
+from layersplice.cli import build_commands, eval_commands, inspect_commands, transfer_commands
 from layersplice.cli.options import err_console
 from layersplice.errors import EXIT_INTERNAL, LayerspliceError
 
@@ -98,6 +98,7 @@ def cli(debug: bool) -> None:
       layersplice plan --recipe recipes/tiny.yaml   every reachable size
       layersplice build --recipe recipes/tiny.yaml --keep 2
       layersplice build --teacher T --student S --all --out sizes/
+      layersplice transfer --base-teacher T --teacher T-Instruct --student S --out S-Instruct
     """
 
 
@@ -114,6 +115,6 @@ def main() -> None:
 for _command in (
     build_commands.build, build_commands.init_student_command, build_commands.assemble_command,
     inspect_commands.plan, inspect_commands.inspect, inspect_commands.verify, inspect_commands.describe_command,
-    eval_commands.eval_command, eval_commands.demo,
+    eval_commands.eval_command, eval_commands.demo, transfer_commands.transfer,
 ):
     cli.add_command(_command)

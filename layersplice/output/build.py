@@ -6,7 +6,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from layersplice import __version__
 from layersplice.architectures.layout import Layout
@@ -14,7 +14,7 @@ from layersplice.checkpoint.atomic import atomic_directory
 from layersplice.checkpoint.digest import CHECKSUM
 from layersplice.checkpoint.sealed_json import read_sealed, write_sealed
 from layersplice.checkpoint.source import INDEX_FILE, SIDE_FILES, Checkpoint
-from layersplice.checkpoint.writer import ProgressFn, SourceFiles, WrittenFile, write_shards
+from layersplice.checkpoint.writer import ProgressFn, SourceFiles, WriteItem, WrittenFile, write_shards
 from layersplice.errors import OutputError
 from layersplice.output.card import CARD_FILE, build_card, student_init_card
 from layersplice.output.family import (
@@ -46,24 +46,24 @@ def write_model(
     config, rewritten = spliced_config(job.layouts, plan, job.configs, job.cast)
     side_dir = job.checkpoint(plan.embeddings_from).directory
     card = build_card(job, plan, config, shard_size, card_name) if card_name else None
-    files = write_checkpoint(directory, plan, config, side_dir, shard_size, sources, progress, card)
+    files = write_checkpoint(directory, plan.tensors, config, side_dir, shard_size, sources, progress, card)
     write_sealed(directory / PROVENANCE_FILE, _provenance(job, plan, choice, rewritten, files))
     return files
 
 
 def write_checkpoint(
-    directory: Path, plan: Plan, config: dict, side_dir: Path, shard_size: int, sources: SourceFiles,
-    progress: ProgressFn | None, card: str | None = None, extra_json: dict[str, dict] | None = None,
+    directory: Path, tensors: Sequence[WriteItem], config: dict, side_dir: Path, shard_size: int,
+    sources: SourceFiles, progress: ProgressFn | None, card: str | None = None, extra_json: dict[str, dict] | None = None,
 ) -> dict[str, dict]:
     """Shards, index, config, the tokenizer/generation files of `side_dir`, the card and `extra_json`.
 
     Shards are hashed while they are written; the small files after, so that
     the record lists (and verify covers) every file."""
-    shards = write_shards(directory, plan.tensors, shard_size, sources, progress)
-    _write_json(directory / INDEX_FILE, _index(shards, plan.nbytes))
-    _write_json(directory / "config.json", config)
+    shards = write_shards(directory, tensors, shard_size, sources, progress)
+    write_json(directory / INDEX_FILE, _index(shards, sum(t.nbytes for t in tensors)))
+    write_json(directory / "config.json", config)
     for name, data in (extra_json or {}).items():
-        _write_json(directory / name, data)
+        write_json(directory / name, data)
     for name in SIDE_FILES:
         if (side_dir / name).is_file():
             shutil.copyfile(side_dir / name, directory / name)
@@ -104,7 +104,7 @@ def _provenance(job: Job, plan: Plan, choice: dict, rewritten: dict[str, str], f
     }
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -250,7 +250,7 @@ def init_student(
     config, rewritten = spliced_config({TEACHER: layout}, plan, {TEACHER: teacher.config}, cast)
     text = student_init_card(teacher, alignment, plan, config, cast, shard_size, out.name) if card else None
     with atomic_directory(out, force) as tmp, SourceFiles() as sources:
-        files = write_checkpoint(tmp, plan, config, teacher.directory, shard_size, sources, progress, text,
+        files = write_checkpoint(tmp, plan.tensors, config, teacher.directory, shard_size, sources, progress, text,
                                  {STUDENT_CONFIG_NAME: alignment.student_config()})
         write_sealed(tmp / PROVENANCE_FILE, {
             "layersplice_version": __version__,

@@ -1,13 +1,16 @@
 """verify --against-sources: re-plan from the provenance and compare every
-output tensor with the teacher or student byte range it came from."""
+output tensor with the teacher or student byte range it came from (or, for a
+transfer, recompute it from its three sources)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from layersplice.architectures.layout import layout_of
 from layersplice.checkpoint.source import Checkpoint, open_checkpoint
+from layersplice.checkpoint.writer import WriteItem
 from layersplice.errors import LayerspliceError
 from layersplice.planning.alignment import Alignment, AlignmentSpec
 from layersplice.planning.job import open_job
@@ -40,18 +43,15 @@ def _replan(provenance: dict) -> list[PlannedTensor]:
 
 
 def check_against_sources(directory: Path, provenance: dict, output: Checkpoint) -> None:
+    if provenance.get("kind") == "transfer":
+        return _check_transfer(directory, provenance, output)
     try:
         planned = _replan(provenance)
     except LayerspliceError as exc:
         raise SourceMismatch(f"{directory}: cannot re-open the sources recorded in layersplice.json: {exc}") from None
-    names = {p.name for p in planned}
-    if names != set(output.tensors):
-        odd = sorted(names ^ set(output.tensors))[0]
-        raise SourceMismatch(f"{directory}: tensor {odd!r} does not match the plan re-made from the sources")
+    check_planned_layout(directory, planned, output)
     for item in planned:
         out = output.tensors[item.name]
-        if out.dtype != item.dtype or out.shape != item.shape:
-            raise SourceMismatch(f"{directory}: tensor {item.name!r} has dtype/shape {out.dtype} {list(out.shape)}, sources say {item.dtype} {list(item.shape)}")
         start = out.start
         for part in item.parts:  # a fused tensor is several source ranges, one after another
             if not _same_bytes(part, out.file, start):
@@ -60,6 +60,35 @@ def check_against_sources(directory: Path, provenance: dict, output: Checkpoint)
                     f"in {part.source.file}"
                 )
             start += part.nbytes
+
+
+def check_planned_layout(directory: Path, planned: Sequence[WriteItem], output: Checkpoint) -> None:
+    """The output holds exactly the planned tensors, each in its planned dtype and shape."""
+    names = {p.name for p in planned}
+    if names != set(output.tensors):
+        odd = sorted(names ^ set(output.tensors))[0]
+        raise SourceMismatch(f"{directory}: tensor {odd!r} does not match the plan re-made from the sources")
+    for item in planned:
+        out = output.tensors[item.name]
+        if out.dtype != item.dtype or out.shape != item.shape:
+            raise SourceMismatch(f"{directory}: tensor {item.name!r} has dtype/shape {out.dtype} {list(out.shape)}, sources say {item.dtype} {list(item.shape)}")
+
+
+def _check_transfer(directory: Path, provenance: dict, output: Checkpoint) -> None:
+    """A transfer's tensors are computed, not copied: recompute each one from its three sources."""
+    from layersplice.output.transfer_check import recomputes, replan_transfer
+
+    try:
+        planned = replan_transfer(provenance, _source_ref)
+    except LayerspliceError as exc:
+        raise SourceMismatch(f"{directory}: cannot re-open the sources recorded in layersplice.json: {exc}") from None
+    check_planned_layout(directory, planned, output)
+    for item in planned:
+        if not recomputes(item, output.tensors[item.name]):
+            raise SourceMismatch(
+                f"{directory}: tensor {item.name!r} is not teacher + (student - base_teacher) of "
+                f"{item.variant.name!r}, {item.source.name!r} and {item.base.name!r}"
+            )
 
 
 def _same_bytes(item: PlannedTensor, out_file: Path, out_start: int) -> bool:
