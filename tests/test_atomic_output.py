@@ -77,7 +77,7 @@ def _temporaries(parent: Path) -> list[Path]:
 def _wait_for_temporary(parent: Path, proc: subprocess.Popen, timeout: float = 60) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [p for p in _temporaries(parent) if any(p.iterdir())]
+        found = [p for p in _temporaries(parent) if p.is_dir() and any(p.iterdir())]
         if found:
             return found[0]
         assert proc.poll() is None, proc.communicate()

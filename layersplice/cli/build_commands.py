@@ -75,7 +75,7 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
             task = progress.add_task("writing all sizes", total=sum(plan.nbytes for _, plan in plans))
             built = build_all(
                 job, sources.order, target, name, sources.shard_size, force, order_record=sources.order_record,
-                plans=plans,
+                plans=plans, inputs=sources.inputs,
                 progress=lambda n: progress.advance(task, n),
                 on_size=lambda sub, plan, kept: progress.update(
                     task, description=f"{'kept verified' if kept else 'writing'} {sub}"),
@@ -91,7 +91,8 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
     _note_a_slow_cast(plan.tensors)
     with _progress() as progress:
         task = progress.add_task(f"writing {out}", total=plan.nbytes)
-        result = build_one(job, plan, out, choice, sources.shard_size, force, lambda n: progress.advance(task, n))
+        result = build_one(job, plan, out, choice, sources.shard_size, force, lambda n: progress.advance(task, n),
+                           inputs=sources.inputs)
     display.built_table(console, [result], out)
 
 
@@ -145,11 +146,14 @@ def init_student_command(teacher, revision, recipe, first, every, last, copied_t
         raise LayerspliceError("name the teacher: --teacher T or --recipe R")
     specs.append(AlignmentSpec(rule=(1, 2, 2), origin="the reference default first=1 every=2 last=2"))
     checkpoint, layout = single_layout(teacher, revision, arch_file, allow_pickle)
+    named = (("the teacher", checkpoint.directory), ("the recipe", recipe), ("--arch", arch_file))
+    inputs = [(what, path) for what, path in named if path is not None]
     alignment, origin = resolve_alignment(specs, layout.n_layers, None)
     cast = DTYPE_CHOICES[dtype] if dtype else None
     plan_bytes = student_init_plan(layout, alignment, cast).nbytes
     with _progress() as progress:
         task = progress.add_task(f"writing {out}", total=plan_bytes)
-        result = init_student(checkpoint, layout, alignment, origin, out, cast, parse_bytes(shard_size), force, lambda n: progress.advance(task, n))
+        result = init_student(checkpoint, layout, alignment, origin, out, cast, parse_bytes(shard_size), force,
+                              lambda n: progress.advance(task, n), inputs=inputs)
     console.print(f"student of teacher layers {','.join(map(str, alignment.copied))} ({origin})")
     display.built_table(console, [result], out)

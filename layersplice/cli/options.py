@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from layersplice.checkpoint.bounded import CONFIG_LIMIT, read_bounded
 from layersplice.errors import LayerspliceError
 from layersplice.planning.alignment import AlignmentSpec, parse_layer_list
 from layersplice.planning.blocks import ORDERS, Order, by_blocks, by_keep, by_layers, by_patch, patch_order
@@ -36,6 +37,7 @@ class Sources:
     order: Order
     shard_size: int
     order_record: dict  # how the order was chosen, for layersplice.json
+    inputs: tuple[tuple[str, Path], ...]  # every path read, which no output may overlap
 
 
 allow_pickle_option = click.option(
@@ -92,7 +94,10 @@ def resolve_sources(recipe_path, teacher, student, teacher_revision, student_rev
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     size = shard_size or (recipe.shard_size if recipe else "5GB")
     resolved, record = _resolve_order(job, order or (recipe.order if recipe else "last"), order_file, calib)
-    return Sources(job, recipe, resolved, parse_bytes(size), record)
+    named = (("the recipe", recipe_path), ("the teacher", job.teacher.directory), ("the student", job.student.directory),
+             ("--order-file", order_file), ("--calib", calib), ("--arch", arch_file))
+    inputs = tuple((what, Path(path)) for what, path in named if path is not None)
+    return Sources(job, recipe, resolved, parse_bytes(size), record, inputs)
 
 
 def _resolve_order(job: Job, order: str, order_file: Path | None, calib: Path | None) -> tuple[Order, dict]:
@@ -204,8 +209,8 @@ def choose_order(job: Job, order: str, order_file: Path | None, calib: Path | No
 def read_order_file(path: Path) -> tuple[int, ...]:
     """'patch_order' from a layersplice.json (or any JSON object holding one at the top or in 'choice')."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(read_bounded(path, CONFIG_LIMIT, "--order-file", LayerspliceError))
+    except json.JSONDecodeError as exc:
         raise LayerspliceError(f"--order-file {path}: cannot read JSON ({exc})") from None
     found = data.get("patch_order", (data.get("choice") or {}).get("patch_order")) if isinstance(data, dict) else None
     if not isinstance(found, list) or not all(isinstance(b, int) for b in found):

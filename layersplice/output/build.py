@@ -10,12 +10,12 @@ from typing import Callable
 
 from layersplice import __version__
 from layersplice.architectures.layout import Layout
-from layersplice.checkpoint.atomic import atomic_directory
+from layersplice.checkpoint.atomic import Inputs, atomic_directory
 from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.checkpoint.sealed_json import read_sealed, write_sealed
 from layersplice.checkpoint.source import INDEX_FILE, SIDE_FILES, Checkpoint
 from layersplice.checkpoint.writer import ProgressFn, SourceFiles, WrittenFile, write_shards
-from layersplice.output.verify import MANIFEST_FILE, PROVENANCE_FILE, VerifyError, check_files
+from layersplice.output.verify import MANIFEST_FILE, PROVENANCE_FILE, VerifyError, check_files, check_nothing_else
 from layersplice.planning.alignment import STUDENT_CONFIG_NAME, Alignment
 from layersplice.planning.blocks import Order
 from layersplice.planning.configs import spliced_config
@@ -95,8 +95,12 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def build_one(job: Job, plan: Plan, out: Path, choice: dict, shard_size: int, force: bool, progress: ProgressFn | None = None) -> Built:
-    with atomic_directory(out, force) as tmp, SourceFiles() as sources:
+def build_one(
+    job: Job, plan: Plan, out: Path, choice: dict, shard_size: int, force: bool, progress: ProgressFn | None = None,
+    *, inputs: Inputs,
+) -> Built:
+    """One size into `out`; `inputs` are every path the command read (checkpoint.atomic.refuse_overlap)."""
+    with atomic_directory(out, inputs=inputs, force=force) as tmp, SourceFiles() as sources:
         files = write_model(job, plan, tmp, choice, shard_size, sources, progress)
     return Built(out, plan, files)
 
@@ -108,7 +112,7 @@ def size_name(name: str, plan: Plan) -> str:
 def build_all(
     job: Job, order: Order, out: Path, name: str, shard_size: int, force: bool,
     progress: ProgressFn | None = None, on_size: Callable[[str, Plan, bool], None] | None = None,
-    order_record: dict | None = None, plans: list[tuple[int | None, Plan]] | None = None,
+    order_record: dict | None = None, plans: list[tuple[int | None, Plan]] | None = None, *, inputs: Inputs,
 ) -> list[Built]:
     """Every size into out/<name>-<layers>L/ plus out/manifest.json.
 
@@ -117,7 +121,7 @@ def build_all(
     run adopts it and keeps each size whose files still verify.
     """
     built = []
-    with atomic_directory(out, force, adopt=True) as tmp, SourceFiles() as sources:
+    with atomic_directory(out, inputs=inputs, force=force, adopt=True) as tmp, SourceFiles() as sources:
         for keep, plan in plans if plans is not None else all_plans(job, order):
             sub = size_name(name, plan)
             choice = {"layers": plan.n_layers, "keep": keep, **(order_record or {"order": order})}
@@ -150,6 +154,7 @@ def _verified_files(job: Job, plan: Plan, choice: dict, directory: Path) -> dict
     if {k: v for k, v in provenance.items() if k != "checksum"} != expected:
         return None
     try:
+        check_nothing_else(directory, [*provenance["files"], PROVENANCE_FILE], str(directory / PROVENANCE_FILE))
         check_files(directory, provenance["files"], str(directory / PROVENANCE_FILE))
     except VerifyError:
         return None
@@ -176,14 +181,15 @@ def _manifest(job: Job, built: list[Built]) -> dict:
 
 def init_student(
     teacher: Checkpoint, layout: Layout, alignment: Alignment, origin: str, out: Path,
-    cast: str | None, shard_size: int, force: bool, progress: ProgressFn | None = None,
+    cast: str | None, shard_size: int, force: bool, progress: ProgressFn | None = None, *, inputs: Inputs,
 ) -> Built:
     """Stream the kept teacher layers into a new student checkpoint (METHOD.md §2)."""
     plan = student_init_plan(layout, alignment, cast)
     config, rewritten = spliced_config({TEACHER: layout}, plan, {TEACHER: teacher.config}, cast)
-    with atomic_directory(out, force) as tmp, SourceFiles() as sources:
-        files = write_checkpoint(tmp, plan, config, teacher.directory, shard_size, sources, progress)
+    with atomic_directory(out, inputs=inputs, force=force) as tmp, SourceFiles() as sources:
+        # Written first, so that the record lists it (verify fails on unlisted files).
         _write_json(tmp / STUDENT_CONFIG_NAME, alignment.student_config())
+        files = write_checkpoint(tmp, plan, config, teacher.directory, shard_size, sources, progress)
         write_sealed(tmp / PROVENANCE_FILE, {
             "layersplice_version": __version__,
             "kind": "init-student",
