@@ -53,6 +53,13 @@ def refuse_anchors(text: str) -> None:
             )
 
 
+def yaml_problem(exc: yaml.YAMLError) -> tuple[int | None, str]:
+    """(1-based line or None, what is wrong on one line) of a YAML parse error."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc)
+    return (mark.line + 1 if mark else None), " ".join(str(problem).split())
+
+
 def parse_yaml(text: str) -> tuple[yaml.Node | None, object]:
     """The document's node tree (for line numbers) and its value; anchors and aliases refused."""
     refuse_anchors(text)

@@ -35,9 +35,10 @@ def read_bounded(path: Path, limit: int, what: str, error: type[LayerspliceError
             raise error(f"{path}: not a regular file; give the path of the {what} itself")
         data = handle.read(limit + 1)
     if len(data) > limit:
+        article = "an" if what[0] in "aeiou" else "a"
         raise error(
             f"{path}: {format_bytes(max(info.st_size, len(data)))} is more than the {format_bytes(limit)} "
-            f"a {what} may hold; is this the right file?"
+            f"{article} {what} may hold; is this the right file?"
         )
     try:
         return data.decode("utf-8")

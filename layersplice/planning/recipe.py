@@ -70,9 +70,8 @@ def load_recipe(path: Path) -> tuple[Recipe, Path]:
     except schema.YamlRefused as exc:
         raise RecipeError(f"{path}:{exc.line}: {exc.message}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        line, problem = schema.yaml_problem(exc)
+        raise RecipeError(f"{path}{f':{line}' if line else ''}: not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping of keys such as name, teacher, student")
     try:
