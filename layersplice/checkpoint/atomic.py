@@ -202,7 +202,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(target: Path, *, inputs: Inputs, force: bool = False, adopt: bool = False) -> Iterator[Path]:
+def atomic_directory(target: Path, force: bool = False, adopt: bool = False, *, inputs: Inputs) -> Iterator[Path]:
     """Yield a temporary directory that becomes `target` when the block succeeds.
 
     `inputs` are everything the command reads (see `refuse_overlap`); every
