@@ -26,15 +26,15 @@ from layersplice.errors import ArchitectureError, RecipeError
 from layersplice.planning.recipe import Recipe, load_recipe
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-# Each level repeats the one above nine times: 9**9 (~387 million) strings from 12 lines.
-BOMB_LEVELS = 9
+BOMB_LEVELS = 10
 
 
-def billion_laughs(head: str) -> str:
-    lines = [head, 'l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+def billion_laughs(head: str, key: str) -> str:
+    """`head`, then `key` holding a list whose items each repeat the one before nine times:
+    9**9 (~387 million) strings from 12 lines, all under a key the schema knows."""
+    lines = [head, f"{key}:", '  - &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     for level in range(1, BOMB_LEVELS):
-        lines.append(f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 9)}]")
-    lines.append(f"description: [{', '.join([f'*l{BOMB_LEVELS - 1}'] * 9)}]")
+        lines.append(f"  - &l{level} [{', '.join([f'*l{level - 1}'] * 9)}]")
     return "\n".join(lines) + "\n"
 
 
@@ -74,21 +74,21 @@ def _one_error_line(result: subprocess.CompletedProcess) -> str:
 
 def test_an_alias_bomb_recipe_is_refused_within_a_second(tmp_path):
     recipe = tmp_path / "bomb.yaml"
-    recipe.write_text(billion_laughs(RECIPE_HEAD))
+    recipe.write_text(billion_laughs(RECIPE_HEAD, "description"))
     with hang_guard(1.0), pytest.raises(RecipeError) as raised:
         load_recipe(recipe)
     assert str(raised.value) == (
-        f"{recipe}:4: YAML anchors and aliases (&name, *name) are not accepted here; write the value out in full"
+        f"{recipe}:5: YAML anchors and aliases (&name, *name) are not accepted here; write the value out in full"
     )
     out = tmp_path / "out"
     line = _one_error_line(_cli("build", "--recipe", str(recipe), "--keep", "2", "--out", str(out)))
-    assert f"{recipe}:4: YAML anchors and aliases" in line
+    assert f"{recipe}:5: YAML anchors and aliases" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.yaml"]
 
 
 def test_an_alias_bomb_description_is_refused_within_a_second(tmp_path):
     arch = tmp_path / "bomb.yaml"
-    arch.write_text(billion_laughs((DESCRIPTION_DIR / "llama.yaml").read_text()))
+    arch.write_text(billion_laughs((DESCRIPTION_DIR / "llama.yaml").read_text(), "legacy_names"))
     with hang_guard(1.0), pytest.raises(ArchitectureError, match="anchors and aliases"):
         load_description(arch)
     line = _one_error_line(_cli("inspect", str(FIXTURES / "tiny-teacher"), "--arch", str(arch)))
