@@ -77,7 +77,7 @@ def _temporaries(parent: Path) -> list[Path]:
 def _wait_for_temporary(parent: Path, proc: subprocess.Popen, timeout: float = 60) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [p for p in _temporaries(parent) if any(p.iterdir())]
+        found = [p for p in _temporaries(parent) if p.is_dir() and any(p.iterdir())]
         if found:
             return found[0]
         assert proc.poll() is None, proc.communicate()
@@ -205,3 +205,106 @@ def test_build_all_resumes_from_a_killed_run_keeping_verified_sizes(tmp_path, ch
     assert {n: (tmp_path / "sizes" / n / "model.safetensors").stat().st_mtime_ns for n in kept} == kept
     assert _cli("verify", str(tmp_path / "sizes")).returncode == 0
     assert not leftover.exists()
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_of_four_concurrent_builds_to_one_new_out_exactly_one_wins(tmp_path, big_pair):
+    out = tmp_path / "out"
+    procs = [_start(*big_pair, out, "--keep", "1", "--dtype", "bf16") for _ in range(4)]
+    stderrs = [proc.communicate(timeout=300)[1] for proc in procs]
+    codes = [proc.returncode for proc in procs]
+    assert sorted(codes) == [0, 2, 2, 2], stderrs
+    for code, stderr in zip(codes, stderrs):
+        if code == 2:
+            assert "exists" in _one_error_line(stderr)
+    assert _cli("verify", str(out)).returncode == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporaries, no lock file
+
+
+def test_of_four_concurrent_build_all_runs_on_one_out_exactly_one_wins(tmp_path, checkpoints):
+    pair = checkpoints("llama", ALIGNMENTS["1-2-2"])
+    out = tmp_path / "sizes"
+    args = [sys.executable, "-m", "layersplice", "build", "--teacher", str(pair.teacher_dir),
+            "--student", str(pair.student_dir), "--all", "--out", str(out)]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    stderrs = [proc.communicate(timeout=300)[1] for proc in procs]
+    assert sorted(proc.returncode for proc in procs) == [0, 2, 2, 2], stderrs
+    assert _cli("verify", str(out)).returncode == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["sizes"]
+
+
+def test_a_second_run_refuses_while_another_holds_the_output(tmp_path, checkpoints):
+    """What a second `build --all` sees while the first is still writing OUT (here the test holds its lock)."""
+    from layersplice.checkpoint.atomic import output_lock
+
+    pair = checkpoints("llama", ALIGNMENTS["1-2-2"])
+    out = tmp_path / "sizes"
+    args = ["build", "--teacher", str(pair.teacher_dir), "--student", str(pair.student_dir), "--all", "--out", str(out)]
+    with output_lock(out):
+        for force in ([], ["--force"]):
+            result = _cli(*args, *force)
+            assert result.returncode == 2
+            line = _one_error_line(result.stderr)
+            assert f"being written by another layersplice run (pid {os.getpid()})" in line, line
+        assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # the lock file goes with the lock
+    assert _cli(*args).returncode == 0
+
+
+def test_output_lock_is_held_by_one_holder_at_a_time(tmp_path):
+    from layersplice.checkpoint.atomic import OutputBusy, lock_path, output_lock
+
+    target = tmp_path / "out"
+    with output_lock(target):
+        assert lock_path(target).read_text().strip() == str(os.getpid())
+        with pytest.raises(OutputBusy, match="being written"):
+            with output_lock(target):
+                pass
+    assert not lock_path(target).exists()
+    with output_lock(target):  # free again once released
+        pass
+
+
+def test_a_target_another_program_creates_meanwhile_is_never_replaced(tmp_path):
+    from layersplice.checkpoint.atomic import atomic_directory
+    from layersplice.errors import OutputError
+
+    target = tmp_path / "out"
+    with pytest.raises(OutputError, match="already exists: another program created it"):
+        with atomic_directory(target, inputs=[]) as tmp:
+            (tmp / "layersplice.json").write_text("new")
+            target.mkdir()
+            (target / "theirs.txt").write_text("keep me")
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_force_never_leaves_a_moment_without_a_complete_output(tmp_path, checkpoints):
+    """A reader polling the output while --force replaces it, again and again, always
+    finds a complete old or new output: its intact record and every file it lists."""
+    pair = checkpoints("llama", ALIGNMENTS["1-2-2"])
+    out = tmp_path / "out"
+    args = ["build", "--teacher", str(pair.teacher_dir), "--student", str(pair.student_dir), "--out", str(out)]
+    records = {}
+    for keep in ("1", "3"):
+        assert _cli(*args, "--keep", keep, "--force").returncode == 0
+        records[keep] = (out / "layersplice.json").read_text()
+    loop = ("import subprocess, sys\n"
+            f"for keep in ['1', '3'] * 4:\n"
+            f"    subprocess.run([sys.executable, '-m', 'layersplice', *{args!r}, '--keep', keep, '--force'], check=True)\n")
+    writer = subprocess.Popen([sys.executable, "-c", loop], stderr=subprocess.PIPE, text=True)
+    seen = {keep: 0 for keep in records}
+    while writer.poll() is None:
+        text = (out / "layersplice.json").read_text()  # FileNotFoundError here is the failure
+        keep = next(k for k, record in records.items() if record == text)
+        listed = json.loads(text)["files"]
+        assert all((out / name).is_file() for name in listed)
+        seen[keep] += 1
+    assert writer.returncode == 0, writer.stderr.read()
+    assert all(count > 0 for count in seen.values()), seen
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -122,6 +122,19 @@ def _config_not_json(directory: Path) -> None:
     (directory / "config.json").write_text("{nope")
 
 
+def _oversized_config(directory: Path) -> None:
+    """Valid JSON, padded past the cap (16 MiB) with whitespace."""
+    text = (directory / "config.json").read_text()
+    (directory / "config.json").write_text(text + " " * (16 << 20))
+
+
+def _oversized_index(directory: Path) -> None:
+    """A valid index padded past the cap (64 MiB) with whitespace."""
+    _to_sharded(directory, lambda m: None)
+    with open(directory / "model.safetensors.index.json", "a") as index:
+        index.write(" " * (64 << 20))
+
+
 def _pickle_only(directory: Path) -> None:
     from safetensors.torch import load_file
 
@@ -147,6 +160,8 @@ BAD_INPUTS = [
     ("config-missing", _no_config, "no config.json"),
     ("config-not-json", _config_not_json, "not valid JSON"),
     ("pickle-without-opt-in", _pickle_only, "--allow-pickle"),
+    ("config-oversized", _oversized_config, "a config.json may hold; is this the right file?"),
+    ("index-oversized", _oversized_index, "an index may hold; is this the right file?"),
 ]
 
 

@@ -261,7 +261,7 @@ def test_the_output_never_replaces_one_of_its_inputs(trio, tmp_path):
     before = {p.name: p.read_bytes() for p in earlier.iterdir()}
     result = _invoke("transfer", "--base-teacher", base, "--teacher", variant, "--student", earlier,
                      "--out", earlier, "--force")
-    assert result.exit_code == 2 and "student's own directory" in result.output, result.output
+    assert result.exit_code == 2 and "is the student" in result.output, result.output
     assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
 
 

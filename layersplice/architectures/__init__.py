@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from layersplice import schema
+from layersplice.checkpoint.bounded import YAML_LIMIT, read_bounded
 from layersplice.errors import ArchitectureError
 
 DESCRIPTION_DIR = Path(__file__).parent
@@ -103,14 +104,15 @@ def _as_tuple(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
 
 
 def load_description(path: Path) -> Description:
+    text = read_bounded(path, YAML_LIMIT, "family description", ArchitectureError)
     try:
-        data = yaml.load(path.read_text(), Loader=schema.SafeLoader)
+        _, data = schema.parse_yaml(text)
         return schema.load(Description, data)
+    except schema.YamlRefused as exc:
+        raise ArchitectureError(f"{path}:{exc.line}: {exc.message}") from None
     except (yaml.YAMLError, schema.SchemaError) as exc:
         first = str(exc).splitlines()
         raise ArchitectureError(f"{path}: invalid description ({'; '.join(first[:3])})") from None
-    except OSError as exc:
-        raise ArchitectureError(f"{path}: cannot read description ({exc.strerror})") from None
 
 
 @cache

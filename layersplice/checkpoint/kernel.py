@@ -1,5 +1,6 @@
-"""Byte moves the kernel does for us: range copies between files, preallocation
-and early writeback. Every call here degrades to something portable.
+"""Byte moves the kernel does for us: range copies between files, preallocation,
+early writeback and renames that never replace by accident. Every call here
+degrades to something portable (or says it cannot, for the caller to fall back).
 
 A copier moves up to `count` bytes from `src` at `src_off` to `dst` at
 `dst_off` and returns how many it moved (0 only at the source's end). They
@@ -26,6 +27,9 @@ UNSUPPORTED = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOS
 PIPE_BYTES = 256 << 10
 BUFFERED_CHUNK = 16 << 20
 SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
+AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
+RENAME_NOREPLACE = 1  # <linux/fs.h>: fail with EEXIST instead of replacing the target
+RENAME_EXCHANGE = 2  # <linux/fs.h>: swap the two paths in one step
 Copier = Callable[[int, int, int, int, int], int]
 
 
@@ -67,6 +71,35 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     function = _libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     if function is not None:
         function(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def _renameat2(src: os.PathLike, dst: os.PathLike, flags: int) -> bool:
+    """renameat2(2); False where the C library or the file system does not offer `flags`."""
+    function = _libc_function(
+        "renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+    )
+    if function is None:
+        return False
+    if function(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(dst))
+
+
+def rename_noreplace(src: os.PathLike, dst: os.PathLike) -> bool:
+    """Rename `src` to `dst` unless `dst` exists (FileExistsError), in one step.
+
+    False where the kernel cannot promise that; the caller then renames under
+    its own lock.
+    """
+    return _renameat2(src, dst, RENAME_NOREPLACE)
+
+
+def rename_exchange(a: os.PathLike, b: os.PathLike) -> bool:
+    """Swap two existing paths in one step, so `b` is never missing; False where unsupported."""
+    return _renameat2(a, b, RENAME_EXCHANGE)
 
 
 def splice_copy(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from layersplice.checkpoint.bounded import INDEX_LIMIT, read_bounded
 from layersplice.errors import CheckpointError
 
 PICKLE_SINGLE = "pytorch_model.bin"
@@ -24,7 +25,8 @@ def pickle_files(directory: Path) -> list[Path]:
     index = directory / PICKLE_INDEX
     if index.is_file():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            text = read_bounded(index, INDEX_LIMIT, "index", CheckpointError)
+            names = sorted(set(json.loads(text)["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise CheckpointError(f"{index}: expected JSON with a 'weight_map'") from None
         for name in names:

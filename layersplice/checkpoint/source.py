@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from layersplice.checkpoint.bounded import CONFIG_LIMIT, INDEX_LIMIT, read_bounded
 from layersplice.checkpoint.pickle_weights import PICKLE_INDEX, convert_to_safetensors, pickle_files
 from layersplice.checkpoint.safetensors_format import TensorInfo, read_header
 from layersplice.errors import CheckpointError
@@ -139,8 +140,8 @@ def read_config(directory: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json; is this a Hugging Face model directory?")
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        config = json.loads(read_bounded(path, CONFIG_LIMIT, "config.json", CheckpointError))
+    except json.JSONDecodeError:
         raise CheckpointError(f"{path}: not valid JSON") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
@@ -169,7 +170,7 @@ def _weight_files(directory: Path, allow_pickle: bool) -> tuple[list[Path], dict
 
 def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(read_bounded(index_path, INDEX_LIMIT, "index", CheckpointError))
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

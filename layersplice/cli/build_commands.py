@@ -94,7 +94,7 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
     with display.progress_bar() as progress:
         task = progress.add_task(f"writing {out}", total=plan.nbytes)
         result = build_one(job, plan, out, choice, sources.shard_size, force, lambda n: progress.advance(task, n),
-                           card=not no_card)
+                           card=not no_card, inputs=sources.inputs)
     _report([result], out, as_json)
 
 
@@ -110,7 +110,7 @@ def _build_family(sources: Sources, target: Path, name: str, sizes: str | None, 
         task = progress.add_task("writing all sizes", total=sum(plan.nbytes for _, plan in plans))
         return write(
             job, sources.order, target, name, sources.shard_size, force, order_record=sources.order_record,
-            plans=plans, card=card,
+            plans=plans, card=card, inputs=sources.inputs,
             progress=lambda n: progress.advance(task, n),
             on_size=lambda sub, plan, kept: progress.update(task, description=f"{'kept verified' if kept else 'writing'} {sub}"),
         )
@@ -187,13 +187,15 @@ def init_student_command(teacher, revision, recipe, first, every, last, copied_t
         raise LayerspliceError("name the teacher: --teacher T or --recipe R")
     specs.append(AlignmentSpec(rule=(1, 2, 2), origin="the reference default first=1 every=2 last=2"))
     checkpoint, layout = single_layout(teacher, revision, arch_file, allow_pickle)
+    named = (("the teacher", checkpoint.directory), ("the recipe", recipe), ("--arch", arch_file))
+    inputs = [(what, path) for what, path in named if path is not None]
     alignment, origin = resolve_alignment(specs, layout.n_layers, None)
     cast = DTYPE_CHOICES[dtype] if dtype else None
     plan_bytes = student_init_plan(layout, alignment, cast).nbytes
     with display.progress_bar() as progress:
         task = progress.add_task(f"writing {out}", total=plan_bytes)
         result = init_student(checkpoint, layout, alignment, origin, out, cast, parse_bytes(shard_size), force,
-                              lambda n: progress.advance(task, n), card=not no_card)
+                              lambda n: progress.advance(task, n), card=not no_card, inputs=inputs)
     err_console.print(f"student of teacher layers {','.join(map(str, alignment.copied))} ({origin})", highlight=False)
     _report([result], out, as_json)
 

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from layersplice import __version__
 from layersplice.cli import display
+from layersplice.checkpoint.atomic import refuse_overlap
 from layersplice.cli.options import Sources, err_console, resolve_sources, source_options, with_sources
 from layersplice.errors import LayerspliceError
 from layersplice.evaluation.stdlib_text import CALIBRATION_MODULES, HELD_OUT_MODULES, write_documents
@@ -82,6 +83,8 @@ def eval_command(sources: Sources, data, sizes, baseline, models_dir, out, name,
     out = out or Path("out") / f"{name}-eval"
     request = EvalRequest(data, sizes, baseline == "naive", models_dir, seq_len, batch_size, max_tokens, device, text_field)
     meta = {"layersplice_version": __version__, "name": name, "sources": job.describe_sources(), "order": sources.order_record}
+    read = (("--data", data), ("--models", models_dir), ("--include-path", include_path))
+    refuse_overlap(out, [*sources.inputs, *((what, path) for what, path in read if path is not None)])
     out.mkdir(parents=True, exist_ok=True)
     task_list = [t for t in tasks.split(",") if t] if tasks else []
     report, scores = _evaluate(sources, request, meta, out, task_list, include_path, limit,
@@ -179,17 +182,18 @@ def run_demo(out: Path, console: Console) -> dict:
     # The fixture models are so small that a second thread only adds overhead.
     torch.set_num_threads(1)
     started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     sources = resolve_sources(
         recipe_path=RECIPE, teacher=None, student=None, teacher_revision=None, student_revision=None,
         copied_teacher_layers=None, first=None, every=None, last=None, order=None, dtype=None, arch_file=None,
     )
+    refuse_overlap(out, sources.inputs)
+    out.mkdir(parents=True, exist_ok=True)
     sources = with_kl_order(sources, write_documents(out / "calibration.jsonl", CALIBRATION_MODULES), console)
     job, name = sources.job, sources.recipe.name
     display.plan_table(console, job, sources.order, display.plan_rows(job, sources.order))
     sizes_dir = out / "sizes"
     built = build_all(job, sources.order, sizes_dir, name, sources.shard_size, force=True,
-                      order_record=sources.order_record)
+                      order_record=sources.order_record, inputs=sources.inputs)
     display.built_table(console, built, sizes_dir)
     held_out = write_documents(out / "held-out.jsonl", HELD_OUT_MODULES)
     request = EvalRequest(held_out, baseline=True, models_dir=sizes_dir, seq_len=SEQ_LEN, max_tokens=MAX_TOKENS, device="cpu")

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 
 from layersplice.architectures.draft import draft_text
+from layersplice.checkpoint.atomic import refuse_overlap
 from layersplice.cli import display
 from layersplice.cli.options import (
     Sources,
@@ -80,25 +81,32 @@ def inspect(path: str, revision, arch_file, as_json: bool, allow_pickle: bool) -
 @click.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--against-sources", is_flag=True, help="Also compare every tensor with the teacher or student bytes it came from.")
+@click.option("--allow-extra", "allow_extra", multiple=True, metavar="FILE",
+              help="Accept this unlisted file, given relative to PATH (README.md, or m-4L/NOTES.md inside one "
+                   "size of a --all directory). Repeat for each file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout: ok, the models, files and bytes checked, or the problem.")
-def verify(path: Path, against_sources: bool, as_json: bool) -> None:
+def verify(path: Path, against_sources: bool, allow_extra: tuple[str, ...], as_json: bool) -> None:
     """Check an output's integrity; exit 0 only if every check passes.
 
     Re-reads PATH (a build output or a `build --all` directory): the sealed
     layersplice.json / manifest.json, the checksum of every file, every
     safetensors header, the index, and the config against the tensors. A
-    single flipped byte anywhere fails. For a family, every size its parts
-    record (OUT/parts/) must be in manifest.json. The first problem is named
-    and the exit code is 2.
+    single flipped byte anywhere fails, and so does any file or folder the
+    records do not list (a stray model.safetensors would be loaded in place
+    of the shards), unless --allow-extra names it. For a family, every size
+    its parts record (OUT/parts/) must be in manifest.json. The first problem
+    is named and the exit code is 2.
 
     \b
     Examples:
       layersplice verify out/tiny-5L
       layersplice verify sizes/ --against-sources
       layersplice verify sizes/ --json
+      layersplice verify out/tiny-5L --allow-extra NOTES.md
+      layersplice verify sizes/ --allow-extra NOTES.md --allow-extra tiny-4L/NOTES.md
     """
     try:
-        result = verify_path(path, against_sources)
+        result = verify_path(path, against_sources, allow_extra)
     except LayerspliceError as exc:
         if as_json:  # CI parses stdout; the one-line error and exit 2 still follow
             click.echo(json.dumps({"ok": False, "path": str(path), "problem": str(exc)}, indent=2))
@@ -136,5 +144,6 @@ def describe_command(path: str, revision: str | None, out: Path | None) -> None:
     if out is None:
         click.echo(text, nl=False)
     else:
+        refuse_overlap(out, [("the model", checkpoint.directory)])
         out.write_text(text)
         click.echo(f"wrote {out}")

@@ -15,6 +15,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from layersplice.checkpoint.atomic import refuse_overlap
+from layersplice.checkpoint.bounded import CONFIG_LIMIT, read_bounded
 from layersplice.errors import LayerspliceError
 from layersplice.planning.alignment import AlignmentSpec, parse_layer_list
 from layersplice.planning.blocks import ORDERS, Order, by_blocks, by_keep, by_layers, by_patch, patch_order
@@ -36,6 +38,7 @@ class Sources:
     order: Order
     shard_size: int
     order_record: dict  # how the order was chosen, for layersplice.json
+    inputs: tuple[tuple[str, Path], ...]  # every path read, which no output may overlap
 
 
 allow_pickle_option = click.option(
@@ -71,7 +74,8 @@ def source_options(func):
 def resolve_sources(recipe_path, teacher, student, teacher_revision, student_revision,
                     copied_teacher_layers, first, every, last, order, dtype, arch_file,
                     allow_pickle: bool = False, shard_size: str | None = None,
-                    order_file: Path | None = None, calib: Path | None = None) -> Sources:
+                    order_file: Path | None = None, calib: Path | None = None, out: Path | None = None) -> Sources:
+    """`out`, when the command names it now, is refused before the slow part (--order kl) if it overlaps an input."""
     recipe, base = load_recipe(recipe_path) if recipe_path else (None, Path("."))
     if recipe is None and not (teacher and student):
         raise LayerspliceError("name the models: --teacher T --student S, or --recipe recipes/NAME.yaml")
@@ -91,8 +95,13 @@ def resolve_sources(recipe_path, teacher, student, teacher_revision, student_rev
     for note in job.warnings:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     size = shard_size or (recipe.shard_size if recipe else "5GB")
+    named = (("the recipe", recipe_path), ("the teacher", job.teacher.directory), ("the student", job.student.directory),
+             ("--order-file", order_file), ("--calib", calib), ("--arch", arch_file))
+    inputs = tuple((what, Path(path)) for what, path in named if path is not None)
+    if out is not None:
+        refuse_overlap(out, inputs)
     resolved, record = _resolve_order(job, order or (recipe.order if recipe else "last"), order_file, calib)
-    return Sources(job, recipe, resolved, parse_bytes(size), record)
+    return Sources(job, recipe, resolved, parse_bytes(size), record, inputs)
 
 
 def _resolve_order(job: Job, order: str, order_file: Path | None, calib: Path | None) -> tuple[Order, dict]:
@@ -177,7 +186,8 @@ def with_sources(func):
                 first, every, last, order, calib, order_file, dtype, arch_file, allow_pickle, **kwargs):
         sources = resolve_sources(recipe, teacher, student, teacher_revision, student_revision,
                                   copied_teacher_layers, first, every, last, order, dtype, arch_file,
-                                  allow_pickle, kwargs.pop("shard_size", None), order_file=order_file, calib=calib)
+                                  allow_pickle, kwargs.pop("shard_size", None), order_file=order_file, calib=calib,
+                                  out=kwargs.get("out"))
         return func(sources, **kwargs)
 
     return wrapper
@@ -204,8 +214,8 @@ def choose_order(job: Job, order: str, order_file: Path | None, calib: Path | No
 def read_order_file(path: Path) -> tuple[int, ...]:
     """'patch_order' from a layersplice.json (or any JSON object holding one at the top or in 'choice')."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(read_bounded(path, CONFIG_LIMIT, "--order-file", LayerspliceError))
+    except json.JSONDecodeError as exc:
         raise LayerspliceError(f"--order-file {path}: cannot read JSON ({exc})") from None
     found = data.get("patch_order", (data.get("choice") or {}).get("patch_order")) if isinstance(data, dict) else None
     if not isinstance(found, list) or not all(isinstance(b, int) for b in found):

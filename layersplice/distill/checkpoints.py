@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from layersplice.checkpoint.atomic import refuse_overlap
 from layersplice.checkpoint.source import SIDE_FILES
 from layersplice.distill import parallel
 from layersplice.distill.config import DistillConfig, DistillError
@@ -35,8 +36,12 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def check_out(config: DistillConfig) -> None:
-    """Refuse to mix a new run into an old one (before anything is loaded or written)."""
+    """Refuse to mix a new run into an old one, or to write into an input (before anything is loaded or written)."""
     out = config.out
+    data = config.data
+    local_dataset = [("--dataset", Path(data.dataset))] if data.dataset and Path(data.dataset).exists() else []
+    refuse_overlap(out, [("the teacher", config.teacher), ("the student", config.student),
+                         *(("--data", path) for path in data.files), *local_dataset])
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; give a directory")
     if config.resume:

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from layersplice import __version__
 from layersplice.architectures.layout import Layout
-from layersplice.checkpoint.atomic import atomic_directory
+from layersplice.checkpoint.atomic import Inputs, atomic_directory, output_lock, refuse_overlap
 from layersplice.checkpoint.digest import CHECKSUM
 from layersplice.checkpoint.sealed_json import read_sealed, write_sealed
 from layersplice.checkpoint.source import INDEX_FILE, SIDE_FILES, Checkpoint
@@ -20,7 +20,7 @@ from layersplice.output.card import CARD_FILE, build_card, student_init_card
 from layersplice.output.family import (
     MANIFEST_FILE, PARTS_DIR, PROVENANCE_FILE, FamilyProblem, assemble, file_record, write_part,
 )
-from layersplice.output.verify import VerifyError, check_files
+from layersplice.output.verify import VerifyError, check_files, check_nothing_else
 from layersplice.planning.alignment import STUDENT_CONFIG_NAME, Alignment
 from layersplice.planning.blocks import Order
 from layersplice.planning.configs import spliced_config
@@ -110,9 +110,10 @@ def write_json(path: Path, data: dict) -> None:
 
 def build_one(
     job: Job, plan: Plan, out: Path, choice: dict, shard_size: int, force: bool,
-    progress: ProgressFn | None = None, card: bool = True,
+    progress: ProgressFn | None = None, card: bool = True, *, inputs: Inputs,
 ) -> Built:
-    with atomic_directory(out, force) as tmp, SourceFiles() as sources:
+    """One size into `out`; `inputs` are every path the command read (checkpoint.atomic.refuse_overlap)."""
+    with atomic_directory(out, force, inputs=inputs) as tmp, SourceFiles() as sources:
         files = write_model(job, plan, tmp, choice, shard_size, sources, progress, out.name if card else None)
     return Built(out, plan, files)
 
@@ -133,6 +134,7 @@ class _FamilyRun:
     sources: SourceFiles
     progress: ProgressFn | None
     on_size: Callable[[str, Plan, bool], None] | None
+    inputs: tuple
 
     def size(self, keep: int | None, plan: Plan, parent: Path, force: bool | None = None) -> Built:
         """One size in parent/<name>-<L>L: kept if an intact earlier build of exactly it is there, else written.
@@ -151,7 +153,7 @@ class _FamilyRun:
             (parent / sub).mkdir()
             files = self._write(plan, parent / sub, choice, sub)
         else:
-            with atomic_directory(parent / sub, force) as tmp:
+            with atomic_directory(parent / sub, force, inputs=self.inputs) as tmp:
                 files = self._write(plan, tmp, choice, sub)
         return Built(parent / sub, plan, {**files, PROVENANCE_FILE: file_record(parent / sub / PROVENANCE_FILE)})
 
@@ -164,6 +166,7 @@ def build_all(
     job: Job, order: Order, out: Path, name: str, shard_size: int, force: bool,
     progress: ProgressFn | None = None, on_size: Callable[[str, Plan, bool], None] | None = None,
     order_record: dict | None = None, plans: list[tuple[int | None, Plan]] | None = None, card: bool = True,
+    *, inputs: Inputs,
 ) -> list[Built]:
     """Every size into out/<name>-<layers>L/, its part record and out/manifest.json.
 
@@ -172,8 +175,10 @@ def build_all(
     run adopts it and keeps each size whose files still verify.
     """
     plans = plans if plans is not None else all_plans(job, order)
-    with atomic_directory(out, force, adopt=True) as tmp, SourceFiles() as sources:
-        run = _FamilyRun(job, name, shard_size, order_record or {"order": order}, card, sources, progress, on_size)
+    inputs = tuple(inputs)
+    with atomic_directory(out, force, adopt=True, inputs=inputs) as tmp, SourceFiles() as sources:
+        run = _FamilyRun(job, name, shard_size, order_record or {"order": order}, card, sources, progress, on_size,
+                         inputs)
         built = [run.size(keep, plan, tmp) for keep, plan in plans]
         _record_family(tmp, name, job, [b.directory.name for b in built])
     return [Built(out / b.directory.name, b.plan, b.files) for b in built]
@@ -183,22 +188,32 @@ def build_part(
     job: Job, order: Order, out: Path, name: str, shard_size: int, force: bool,
     plans: list[tuple[int | None, Plan]], progress: ProgressFn | None = None,
     on_size: Callable[[str, Plan, bool], None] | None = None, order_record: dict | None = None, card: bool = True,
+    *, inputs: Inputs,
 ) -> list[Built]:
     """Some sizes of a family into OUT, beside sizes other runs wrote there (family.py).
 
     Each size appears atomically on its own; a size already in OUT is kept
     when it is intact and exactly this build, else it needs --force. Then
     this part's record, and the manifest derived from every part in OUT.
+    OUT's lock is held throughout, so a second run into the same OUT (a
+    whole family or a part) refuses while this one writes.
     """
-    _check_family_dir(out)
+    inputs = tuple(inputs)
+    refuse_overlap(out, inputs)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create {out}: {exc.strerror}") from None
-    with SourceFiles() as sources:
-        run = _FamilyRun(job, name, shard_size, order_record or {"order": order}, card, sources, progress, on_size)
+        raise OutputError(f"cannot create {out.parent}: {exc.strerror}") from None
+    with output_lock(out), SourceFiles() as sources:
+        _check_family_dir(out)
+        try:
+            out.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {out}: {exc.strerror}") from None
+        run = _FamilyRun(job, name, shard_size, order_record or {"order": order}, card, sources, progress, on_size,
+                         inputs)
         built = [run.size(keep, plan, out, force) for keep, plan in plans]
-    _record_family(out, name, job, [b.directory.name for b in built])
+        _record_family(out, name, job, [b.directory.name for b in built])
     return built
 
 
@@ -235,6 +250,7 @@ def _verified_files(job: Job, plan: Plan, choice: dict, directory: Path, card: b
     if {k: v for k, v in provenance.items() if k != "checksum"} != expected:
         return None
     try:
+        check_nothing_else(directory, [*provenance["files"], PROVENANCE_FILE], str(directory / PROVENANCE_FILE))
         check_files(directory, provenance["files"], str(directory / PROVENANCE_FILE))
     except VerifyError:
         return None
@@ -244,12 +260,13 @@ def _verified_files(job: Job, plan: Plan, choice: dict, directory: Path, card: b
 def init_student(
     teacher: Checkpoint, layout: Layout, alignment: Alignment, origin: str, out: Path,
     cast: str | None, shard_size: int, force: bool, progress: ProgressFn | None = None, card: bool = True,
+    *, inputs: Inputs,
 ) -> Built:
     """Stream the kept teacher layers into a new student checkpoint (METHOD.md §2)."""
     plan = student_init_plan(layout, alignment, cast)
     config, rewritten = spliced_config({TEACHER: layout}, plan, {TEACHER: teacher.config}, cast)
     text = student_init_card(teacher, alignment, plan, config, cast, shard_size, out.name) if card else None
-    with atomic_directory(out, force) as tmp, SourceFiles() as sources:
+    with atomic_directory(out, force, inputs=inputs) as tmp, SourceFiles() as sources:
         files = write_checkpoint(tmp, plan.tensors, config, teacher.directory, shard_size, sources, progress, text,
                                  {STUDENT_CONFIG_NAME: alignment.student_config()})
         write_sealed(tmp / PROVENANCE_FILE, {

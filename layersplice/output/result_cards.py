@@ -80,7 +80,8 @@ def _reseal_with_results(directory: Path, results: list[Score]) -> None:
     if problem:
         raise OutputError(f"--write-cards {directory}: {problem}")
     text = card_with_results((directory / CARD_FILE).read_text(encoding="utf-8"), directory.name, results)
-    with atomic_directory(directory, force=True) as tmp:
+    # The size is rewritten in place on purpose (its card gains the results); nothing else is read.
+    with atomic_directory(directory, force=True, inputs=()) as tmp:
         for path in sorted(directory.iterdir()):
             if path.name not in (CARD_FILE, PROVENANCE_FILE):
                 _link_or_copy(path, tmp / path.name)

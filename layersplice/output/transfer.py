@@ -14,7 +14,6 @@ from layersplice.checkpoint.atomic import atomic_directory
 from layersplice.checkpoint.delta import Products
 from layersplice.checkpoint.sealed_json import write_sealed
 from layersplice.checkpoint.writer import ProgressFn, SourceFiles
-from layersplice.errors import OutputError
 from layersplice.output.build import write_checkpoint
 from layersplice.output.verify import PROVENANCE_FILE
 from layersplice.planning.alignment import STUDENT_CONFIG_NAME
@@ -86,9 +85,6 @@ def write_transfer(
     transfer: Transfer, out: Path, shard_size: int, force: bool, progress: ProgressFn | None = None,
 ) -> Transferred:
     """Stream every output tensor into `out`, atomically, with config, tokenizer and provenance."""
-    for role, model in sorted(transfer.models.items()):
-        if Path(out).resolve() == model.checkpoint.directory.resolve():
-            raise OutputError(f"--out {out} is the {role.replace('_', ' ')}'s own directory; write the transfer elsewhere")
     similarity = Similarity()
     tensors = [dataclasses.replace(t, sink=similarity.add) for t in transfer.tensors]
     variant = transfer.models[VARIANT]
@@ -97,7 +93,8 @@ def write_transfer(
     config, rewritten = spliced_config(
         {TEACHER: variant.layout}, transfer.variant_init, {TEACHER: variant.checkpoint.config}, cast
     )
-    with atomic_directory(out, force) as tmp, SourceFiles() as sources:
+    inputs = [(f"the {role.replace('_', ' ')}", model.checkpoint.directory) for role, model in sorted(transfer.models.items())]
+    with atomic_directory(out, force, inputs=inputs) as tmp, SourceFiles() as sources:
         # The variant's tokenizer, chat template and generation settings: the output is its student.
         files = write_checkpoint(tmp, tensors, config, variant.checkpoint.directory, shard_size, sources, progress,
                                  extra_json={STUDENT_CONFIG_NAME: transfer.alignment.student_config()})

@@ -1,18 +1,21 @@
-"""Re-check a written output: sealed records, file checksums, headers, index,
-config consistency, and optionally every tensor's bytes against its source."""
+"""Re-check a written output: sealed records, file checksums, no unlisted files,
+headers, index, config consistency, and optionally every tensor's bytes
+against its source."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection, Iterable
 
 from layersplice.architectures.layout import layout_of
+from layersplice.checkpoint.atomic import is_working_file
 from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.checkpoint.sealed_json import read_sealed
 from layersplice.checkpoint.source import open_checkpoint
 from layersplice.errors import LayerspliceError
-from layersplice.output.family import MANIFEST_FILE, PROVENANCE_FILE, assembly_problem
+from layersplice.output.family import MANIFEST_FILE, PARTS_DIR, PROVENANCE_FILE, assembly_problem
+
 HASHERS: dict[str, Callable[[Path], str]] = {CHECKSUM: blake3_file}
 
 
@@ -27,32 +30,40 @@ class Verified:
     bytes: int
 
 
-def verify_path(path: Path, against_sources: bool = False) -> Verified:
-    """Verify a single build output or a `build --all` directory."""
+def verify_path(path: Path, against_sources: bool = False, allow_extra: Iterable[str] = ()) -> Verified:
+    """Verify a single build output or a `build --all` directory.
+
+    `allow_extra`: paths relative to `path` (README.md, m-4L/NOTES.md) that
+    may be there although no record lists them; any other unlisted entry fails.
+    """
+    allowed = frozenset(Path(p).as_posix() for p in allow_extra)
     if (path / MANIFEST_FILE).is_file():
-        return _verify_all(path, against_sources)
+        return _verify_all(path, against_sources, allowed)
     if (path / PROVENANCE_FILE).is_file():
-        files, size = check_model_dir(path, against_sources)
+        files, size = check_model_dir(path, against_sources, allowed)
         return Verified((path,), files, size)
     if not path.is_dir():
         raise VerifyError(f"{path}: no such directory")
     raise VerifyError(f"{path}: no {PROVENANCE_FILE} or {MANIFEST_FILE}; not a layersplice output")
 
 
-def _verify_all(path: Path, against_sources: bool) -> Verified:
+def _verify_all(path: Path, against_sources: bool, allowed: frozenset[str]) -> Verified:
     manifest, problem = read_sealed(path / MANIFEST_FILE)
     if problem:
         raise VerifyError(f"{path}: {problem}")
     problem = assembly_problem(path, manifest)
     if problem:
         raise VerifyError(f"{path}: {problem}")
+    names = [entry["directory"] for entry in manifest["sizes"]]
+    for name in names:
+        if Path(name).name != name:
+            raise VerifyError(f"{path / MANIFEST_FILE}: size directory {name!r} is not a plain name")
+    check_nothing_else(path, [MANIFEST_FILE, PARTS_DIR, *names], str(path / MANIFEST_FILE), allowed)
     dirs, files, size = [], 0, 0
     for entry in manifest["sizes"]:
         sub = path / entry["directory"]
-        if Path(entry["directory"]).name != entry["directory"]:
-            raise VerifyError(f"{path / MANIFEST_FILE}: size directory {entry['directory']!r} is not a plain name")
         check_files(sub, entry["files"], f"{path / MANIFEST_FILE}")
-        n, b = check_model_dir(sub, against_sources)
+        n, b = check_model_dir(sub, against_sources, allowed, prefix=f"{entry['directory']}/")
         dirs.append(sub)
         files, size = files + n, size + b
     return Verified(tuple(dirs), files, size)
@@ -76,6 +87,27 @@ def check_files(directory: Path, recorded: dict, where: str) -> tuple[int, int]:
     return len(recorded), total
 
 
+def check_nothing_else(
+    directory: Path, listed: Collection[str], where: str, allowed: frozenset[str] = frozenset(), prefix: str = ""
+) -> None:
+    """Fail on the first entry of `directory` that `listed` does not name.
+
+    An unlisted model.safetensors beside recorded shards would be loaded
+    instead of them (loaders look for the single file first), so an output
+    holds only what its record lists, the extras the user allowed by their
+    path relative to the verified directory (`prefix` + name), and the
+    hidden working files of a layersplice run writing beside it.
+    """
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        if name in listed or is_working_file(name) or f"{prefix}{name}" in allowed:
+            continue
+        raise VerifyError(
+            f"{entry}: not listed in {where}; a loader may read it in place of the recorded files. "
+            f"Remove it, or pass --allow-extra {prefix}{name} if it belongs there"
+        )
+
+
 def _recorded_digest(entry) -> tuple[str, str]:
     for algo in HASHERS:
         if isinstance(entry, dict) and isinstance(entry.get(algo), str):
@@ -83,12 +115,16 @@ def _recorded_digest(entry) -> tuple[str, str]:
     raise VerifyError(f"no known checksum recorded in {entry!r}")
 
 
-def check_model_dir(directory: Path, against_sources: bool = False) -> tuple[int, int]:
+def check_model_dir(
+    directory: Path, against_sources: bool = False, allowed: frozenset[str] = frozenset(), prefix: str = ""
+) -> tuple[int, int]:
     """All checks of one model directory; returns (files checked, bytes checked)."""
     provenance, problem = read_sealed(directory / PROVENANCE_FILE)
     if problem:
         raise VerifyError(f"{directory}: {problem}")
-    count, size = check_files(directory, provenance["files"], str(directory / PROVENANCE_FILE))
+    where = str(directory / PROVENANCE_FILE)
+    check_nothing_else(directory, [*provenance["files"], PROVENANCE_FILE], where, allowed, prefix)
+    count, size = check_files(directory, provenance["files"], where)
     checkpoint = open_checkpoint(directory)  # strict headers and index
     layout = layout_of(checkpoint)  # config layer count agrees with the tensors
     layers = provenance.get("layers")

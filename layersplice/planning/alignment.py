@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from layersplice.checkpoint.bounded import CONFIG_LIMIT, read_bounded
 from layersplice.errors import AlignmentError
 
 STUDENT_CONFIG_NAME = "student_config.json"
@@ -114,7 +115,7 @@ def read_student_config(directory: Path) -> tuple[int, ...] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_bounded(path, CONFIG_LIMIT, STUDENT_CONFIG_NAME, AlignmentError))
         layers = data["copied_teacher_layers"]
         if not isinstance(layers, list) or not all(isinstance(x, int) for x in layers):
             raise TypeError

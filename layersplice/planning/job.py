@@ -7,7 +7,7 @@ from pathlib import Path
 
 from layersplice.architectures.layout import Layout, layout_of
 from layersplice.checkpoint.source import Checkpoint, open_checkpoint
-from layersplice.planning.alignment import AlignmentSpec, read_student_config, resolve_alignment
+from layersplice.planning.alignment import STUDENT_CONFIG_NAME, AlignmentSpec, read_student_config, resolve_alignment
 from layersplice.planning.plan import STUDENT, TEACHER, Pair, check_pair
 
 
@@ -51,16 +51,18 @@ def open_job(
     s_ckpt = open_checkpoint(student, revisions[1], allow_pickle)
     t_layout = layout_of(t_ckpt, arch_file)
     s_layout = layout_of(s_ckpt, arch_file)
-    alignment, origin = resolve_alignment(specs, t_layout.n_layers, s_ckpt.directory)
+    # Read once: it is the last alignment source, and what an overriding alignment is compared with.
+    recorded = read_student_config(s_ckpt.directory)
+    own = [AlignmentSpec(copied=recorded, origin=str(s_ckpt.directory / STUDENT_CONFIG_NAME))] if recorded is not None else []
+    alignment, origin = resolve_alignment([*specs, *own], t_layout.n_layers, None)
     pair = check_pair(t_layout, s_layout, alignment, cast)
-    notes = _disagreement(s_ckpt, alignment.copied, origin)
+    notes = _disagreement(recorded, alignment.copied, origin)
     if t_layout.inferred and t_layout.per_layer_lists:
         notes += (f"inferred family: treating {', '.join(t_layout.per_layer_lists)} as per-layer lists",)
     return Job(t_ckpt, s_ckpt, pair, origin, cast, notes)
 
 
-def _disagreement(student: Checkpoint, copied: tuple[int, ...], origin: str) -> tuple[str, ...]:
-    recorded = read_student_config(student.directory)
+def _disagreement(recorded: tuple[int, ...] | None, copied: tuple[int, ...], origin: str) -> tuple[str, ...]:
     if recorded is None or tuple(recorded) == copied:
         return ()
     return (

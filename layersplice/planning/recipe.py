@@ -9,6 +9,7 @@ from typing import Literal
 import yaml
 
 from layersplice import schema
+from layersplice.checkpoint.bounded import YAML_LIMIT, read_bounded
 from layersplice.errors import RecipeError
 from layersplice.planning.alignment import AlignmentSpec
 
@@ -63,16 +64,14 @@ class Recipe:
 
 def load_recipe(path: Path) -> tuple[Recipe, Path]:
     """Parse a recipe; local model paths resolve relative to the recipe's folder."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    text = read_bounded(path, YAML_LIMIT, "recipe", RecipeError)
     try:
         root, data = schema.parse_yaml(text)
+    except schema.YamlRefused as exc:
+        raise RecipeError(f"{path}:{exc.line}: {exc.message}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        line, problem = schema.yaml_problem(exc)
+        raise RecipeError(f"{path}{f':{line}' if line else ''}: not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping of keys such as name, teacher, student")
     try:
