@@ -156,8 +156,10 @@ def test_torchrun_interrupted_and_resumed_follows_the_one_process_trajectory(pai
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     weights_one, weights_two = load_file(single / "model.safetensors"), load_file(sharded / "model.safetensors")
     assert weights_one.keys() == weights_two.keys()
+    # Float noise, grown by six Adam steps: in one process, changing only
+    # --micro-batch-size from 4 to 2 already moves single weights by up to 1e-5.
     for name in weights_one:
-        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=3e-5, msg=name)
 
 
 def test_user_errors_say_what_to_change(pair, tmp_path):

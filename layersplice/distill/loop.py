@@ -3,7 +3,7 @@
     data -> teacher forward (no grad) -> student forward -> CE, KL, cosine -> step
 
 One process or many (torchrun): the only difference is in `parallel`, which
-shards teacher and student with FSDP2. Each optimizer step consumes the same
+shards the student (and, if asked, the teacher) with FSDP2. Each optimizer step consumes the same
 --batch-size blocks whatever the number of processes; rank r takes its slice.
 """
 
@@ -18,7 +18,16 @@ from layersplice.distill import parallel
 from layersplice.distill.checkpoints import check_out, export_student, load_checkpoint, save_checkpoint
 from layersplice.distill.config import DistillConfig
 from layersplice.distill.data import Batch, DistillData, load_data
-from layersplice.distill.losses import LossTerms, distill_loss, weighted_total
+from layersplice.distill.chunked import chunked_logit_losses
+from layersplice.distill.heads import head_of
+from layersplice.distill.losses import (
+    LossTerms,
+    cosine_loss,
+    distill_terms,
+    full_logit_losses,
+    kl_scale,
+    weighted_total,
+)
 from layersplice.distill.models import Models, hidden_states_at, load_models
 from layersplice.distill.parallel import World
 from layersplice.distill.progress import RunLog
@@ -34,7 +43,9 @@ def build_optimizer(student: torch.nn.Module, config: DistillConfig) -> torch.op
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=BETAS, eps=EPS)
+    # One fused kernel for all parameters on CUDA; the default (foreach) elsewhere.
+    fused = True if next(student.parameters()).device.type == "cuda" else None
+    return torch.optim.AdamW(groups, lr=config.lr, betas=BETAS, eps=EPS, fused=fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: DistillConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -53,24 +64,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: DistillConfig) -> 
 def forward_and_loss(models: Models, batch: Batch, config: DistillConfig, world: World) -> LossTerms:
     """Teacher (no grad) then student on one micro-batch; the three loss terms."""
     attention_mask = batch.mask.long() if batch.padded else None
+    chunked = models.chunk_tokens > 0
+    # The chunked loss reads the final hidden states and the heads: the models
+    # need compute the logits of one position only.
+    forward = dict(attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    if chunked:
+        forward["logits_to_keep"] = 1
     with world.autocast():
         with torch.no_grad():
-            teacher_out = models.teacher(
-                input_ids=batch.ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
-            )
-            teacher_logits = teacher_out.logits
-            teacher_states = hidden_states_at(
-                teacher_out, models.teacher_indices, models.alignment.n_teacher
-            )
+            teacher_out = models.teacher(input_ids=batch.ids, **forward)
+            teacher_logits = None if chunked else teacher_out.logits
+            teacher_states = hidden_states_at(teacher_out, models.teacher_indices, models.alignment.n_teacher)
             del teacher_out
-        student_out = models.student(
-            input_ids=batch.ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
-        )
+        student_out = models.student(input_ids=batch.ids, **forward)
         student_states = hidden_states_at(student_out, models.student_indices, models.alignment.n_student)
-        return distill_loss(
-            student_out.logits, student_states, teacher_logits, teacher_states,
-            batch.ids, batch.mask, config.loss,
-        )
+        cos = cosine_loss(student_states, teacher_states, batch.mask)
+        if chunked:  # the last aligned pair is the final normed states, which the heads read
+            logit = chunked_logit_losses(
+                head_of(models.student, models.student_form), student_states[-1],
+                head_of(models.teacher, models.teacher_form), teacher_states[-1],
+                batch.ids, batch.mask, config.loss.temperature, kl_scale(config.loss), models.chunk_tokens,
+            )
+        else:
+            logit = full_logit_losses(student_out.logits, teacher_logits, batch.ids, batch.mask, config.loss)
+        return distill_terms(logit, cos, config.loss)
 
 
 def train_step(models: Models, micro_batches: list[Batch], optimizer, scheduler,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -15,6 +16,12 @@ from rich.progress import (
 )
 
 METRICS_NAME = "metrics.jsonl"
+
+
+def notice(message: str, enabled: bool) -> None:
+    """One line to the user on stderr (from rank 0 only: pass world.is_main)."""
+    if enabled:
+        Console(stderr=True, highlight=False).print(message, markup=False, soft_wrap=True)
 
 
 class RunLog:
