@@ -30,7 +30,8 @@ from layersplice.distill.losses import (
 )
 from layersplice.distill.models import Models, hidden_states_at, load_models
 from layersplice.distill.parallel import World
-from layersplice.distill.progress import RunLog
+from layersplice.distill.progress import RunLog, notice
+from layersplice.distill.throughput import Speed, describe_run, flops_per_token, known_peak_tflops
 
 BETAS = (0.9, 0.95)
 EPS = 1e-8
@@ -167,7 +168,7 @@ def _run(config: DistillConfig, world: World) -> None:
         step = restored["step"]
         data.train.load_state_dict(restored["data"])
     evaluating = len(data.val.ids) > 0 and config.eval_every > 0
-    tokens_per_step = config.batch_size * config.data.seq_len
+    speed = _speed(models, config, world)
     with RunLog(config.out, config.steps, step, enabled=world.is_main) as log:
         if evaluating and step == 0:
             log.record({"step": 0} | evaluate(models, data, config, world))
@@ -176,7 +177,7 @@ def _run(config: DistillConfig, world: World) -> None:
             micro_batches = micro_batches_of(data, config, world)
             metrics = train_step(models, micro_batches, optimizer, scheduler, config, world)
             step += 1
-            metrics["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
+            metrics |= speed.metrics(time.perf_counter() - started)
             if world.device.type == "cuda":
                 metrics["cuda_max_memory_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
             log.record({"step": step} | metrics)
@@ -186,3 +187,18 @@ def _run(config: DistillConfig, world: World) -> None:
                 save_checkpoint(config, step, models.student, optimizer, scheduler,
                                 data.train.state_dict(), world)
     export_student(config, models.student, models.stored_dtype, world)
+
+
+def _speed(models: Models, config: DistillConfig, world: World) -> Speed:
+    """How a step's time becomes TFLOP/s and MFU; says at start what the run is."""
+    seq_len = config.data.seq_len
+    speed = Speed(
+        tokens_per_step=config.batch_size * seq_len,
+        flops_per_token=flops_per_token(models.student, models.teacher, seq_len),
+        devices=world.size,
+        peak_tflops=config.peak_tflops or known_peak_tflops(world.device),
+    )
+    notice(describe_run(models.student, models.teacher, tokens_per_step=speed.tokens_per_step,
+                        micro_tokens=config.micro_batch_size * seq_len, chunk_tokens=models.chunk_tokens,
+                        devices=world.size, shard_teacher=config.shard_teacher, speed=speed), world.is_main)
+    return speed

@@ -103,7 +103,9 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def prepare_layers(model: torch.nn.Module, compile_layers: bool, checkpointing: bool) -> None:
     """Per decoder layer: activation checkpointing (recompute in backward), torch.compile."""
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed gradient_checkpointing_enable; both default to non-reentrant
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     if compile_layers:
         for layer in decoder_layers(model):
             layer.compile()  # in place: parameter names, and so checkpoints, stay as they are

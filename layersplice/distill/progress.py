@@ -70,8 +70,11 @@ class RunLog:
         if "loss" in values:
             terms = (
                 f"loss {values['loss']:.4f} ce {values['ce']:.4f} kl {values['kl']:.4f} "
-                f"cos {values['cos']:.4f} {values['tokens_per_s']:,.0f} tok/s"
+                f"cos {values['cos']:.4f} {values['tokens_per_s']:,.0f} tok/s "
+                f"{values['tflops_per_device']:.3g} TFLOP/s"
             )
+            if "mfu" in values:
+                terms += f" MFU {values['mfu']:.1%}"
             self.progress.update(self.task, completed=values["step"], terms=terms, refresh=True)
         else:
             self.progress.console.print(
