@@ -200,5 +200,7 @@ def _speed(models: Models, config: DistillConfig, world: World) -> Speed:
     )
     notice(describe_run(models.student, models.teacher, tokens_per_step=speed.tokens_per_step,
                         micro_tokens=config.micro_batch_size * seq_len, chunk_tokens=models.chunk_tokens,
-                        devices=world.size, shard_teacher=config.shard_teacher, speed=speed), world.is_main)
+                        devices=world.size, speed=speed,
+                        placement=(parallel.is_sharded(models.student), parallel.is_sharded(models.teacher))),
+           world.is_main)
     return speed

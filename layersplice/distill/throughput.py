@@ -90,7 +90,7 @@ def expected_bytes_per_device(student: torch.nn.Module, teacher: torch.nn.Module
 
 
 def describe_run(student: torch.nn.Module, teacher: torch.nn.Module, *, tokens_per_step: int,
-                 micro_tokens: int, chunk_tokens: int, devices: int, shard_teacher: bool,
+                 micro_tokens: int, chunk_tokens: int, devices: int, placement: tuple[bool, bool],
                  speed: Speed) -> str:
     """The line a run prints at start: sizes, tokens a step, FLOPs and expected memory."""
     vocab, hidden = teacher.config.vocab_size, teacher.config.hidden_size
@@ -98,14 +98,16 @@ def describe_run(student: torch.nn.Module, teacher: torch.nn.Module, *, tokens_p
         logit_elements = 6 * min(chunk_tokens, micro_tokens) * vocab + vocab * hidden
     else:  # both models' logits, three log-softmaxes, the KL matrix and gradients
         logit_elements = 7 * micro_tokens * vocab
-    expected = expected_bytes_per_device(student, teacher, devices=devices, shard_teacher=shard_teacher,
+    student_sharded, teacher_sharded = placement
+    expected = expected_bytes_per_device(student, teacher, devices=devices, shard_teacher=teacher_sharded,
                                          logit_elements=logit_elements)
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters())
     peak = f"peak {speed.peak_tflops:g} TFLOP/s a device" if speed.peak_tflops else "no known peak (no MFU)"
+    how = {True: f"sharded over {devices} processes", False: "whole on each device"}
     return (
-        f"distill: student {n_student / 1e6:,.1f}M parameters (trained), teacher {n_teacher / 1e6:,.1f}M "
-        f"(frozen); {tokens_per_step:,} tokens a step; {speed.flops_per_token / 1e9:.3g} GFLOP a token; "
+        f"distill: student {n_student / 1e6:,.1f}M parameters (trained, {how[student_sharded]}), teacher "
+        f"{n_teacher / 1e6:,.1f}M (frozen, {how[teacher_sharded]}); {tokens_per_step:,} tokens a step; {speed.flops_per_token / 1e9:.3g} GFLOP a token; "
         f"{peak}; expects about {expected / 2**30:.1f} GiB a device ({devices} device(s)) for weights, "
         "gradients, optimizer state and logit temporaries, plus activations"
     )
