@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 
 # Tokens per chunk when not set: about 2^24 logits (64 MiB in fp32) per
-# [chunk x vocab] temporary, of which a chunk holds about six.
+# [chunk x vocab] temporary, of which a chunk holds about six; a multiple of
+# 128 tokens, which GPU matmul tiles divide evenly.
 AUTO_CHUNK_LOGITS = 2**24
+TILE = 128
 
 
 def auto_chunk_tokens(vocab_size: int) -> int:
-    return max(16, min(4096, AUTO_CHUNK_LOGITS // vocab_size))
+    return max(TILE, min(4096, AUTO_CHUNK_LOGITS // vocab_size // TILE * TILE))
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,8 @@ _dir = click.Path(file_okay=False, path_type=Path)
               help="CE and KL are computed from the final hidden states and the heads, this many "
                    "tokens at a time, so the full [tokens x vocabulary] logits never exist. "
                    "0: full logits (the plain computation; more memory) [default: about 2^24 "
-                   "logits a chunk, e.g. 110 tokens at a 151,936-token vocabulary].")
+                   "logits a chunk in multiples of 128 tokens: 128 at a 151,936-token vocabulary, "
+                   "512 at 32,000].")
 @click.option("--shard-teacher", is_flag=True,
               help="Under torchrun with several processes, shard the teacher with FSDP2 too "
                    "(for a teacher that does not fit on one device; it is replicated otherwise).")
