@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 import transformers.modeling_utils
+from click.testing import CliRunner
 from safetensors.torch import load_file
+from test_distill_support import make_pair
 from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
-from test_distill_support import make_pair
 
+import layersplice.distill.models
 from layersplice.distill.command import distill_command
 
 
@@ -84,3 +85,12 @@ def test_metrics_give_tflops_and_mfu_only_against_a_peak(pair, tmp_path):
     records, _ = run(pair, tmp_path / "peak", "--peak-tflops", "0.5")
     for r in records:
         assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 0.5)
+
+
+def test_a_head_the_chunked_loss_cannot_read_falls_back_to_full_logits_and_says_so_once(
+        pair, tmp_path, monkeypatch):
+    full, _ = run(pair, tmp_path / "full", "--loss-chunk-tokens", "0")
+    monkeypatch.setattr(layersplice.distill.models, "logit_form", lambda model: "its output layer is Strange, not a linear map")
+    fallen_back, output = run(pair, tmp_path / "fallback")
+    assert output.count("not a linear map; CE and KL use full") == 1
+    assert [r["loss"] for r in fallen_back] == [r["loss"] for r in full]  # the very same computation
