@@ -3,8 +3,9 @@
     data -> teacher forward (no grad) -> student forward -> CE, KL, cosine -> step
 
 One process or many (torchrun): the only difference is in `parallel`, which
-shards the student (and, if asked, the teacher) with FSDP2. Each optimizer step consumes the same
---batch-size blocks whatever the number of processes; rank r takes its slice.
+shards the student (and, if asked, the teacher) with FSDP2. Each optimizer
+step consumes the same --batch-size blocks whatever the number of processes;
+rank r takes its slice.
 """
 
 from __future__ import annotations
