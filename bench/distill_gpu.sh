@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU throughput, MFU and memory of `layersplice distill`, one prepared run of
-# under 10 minutes on one GPU. A random Llama-shaped teacher (hidden 1024, 16
+# under 10 minutes on one GPU (see BUDGET). A random Llama-shaped teacher (hidden 1024, 16
 # layers, untied head: 317M parameters at vocab 32,000) and its 1/2/2 student
 # from init-student (9 layers, 207M), random-token batches (--synthetic-data:
 # no tokenizer or dataset download), bf16 autocast, STEPS optimizer steps of
@@ -15,10 +15,14 @@
 # targets: compile MFU >= 35%, torchrun >= 0.95x plain, and memory per token
 # at vocab 151,936 <= 1/3 of the full-logit path's. Needs no network.
 #
+# Each run is cut at RUN_TIMEOUT seconds, and runs that would start after
+# BUDGET seconds (540: the whole script stays under 10 minutes) are skipped,
+# the most important first: vocab 151,936 before 32,000.
+#
 #   bash bench/distill_gpu.sh
 #   STEPS=8 VOCABS="151936" RUNS="full plain" bash bench/distill_gpu.sh
 # Settings (environment): NPROC STEPS HIDDEN LAYERS VOCABS RUNS SEQ BATCH MICRO
-#                         RUN_TIMEOUT PEAK_TFLOPS WORK PYTHON
+#                         RUN_TIMEOUT BUDGET PEAK_TFLOPS WORK PYTHON
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,12 +52,13 @@ nproc=${NPROC:-1}
 steps=${STEPS:-10}
 hidden=${HIDDEN:-1024}
 layers=${LAYERS:-16}
-vocabs=${VOCABS:-"32000 151936"}
+vocabs=${VOCABS:-"151936 32000"}
 runs=${RUNS:-"full plain compile torchrun"}
 seq=${SEQ:-2048}
 batch=${BATCH:-16}
 micro=${MICRO:-2}
 run_timeout=${RUN_TIMEOUT:-150}
+budget=${BUDGET:-540}
 work=${WORK:-$(mktemp -d /tmp/layersplice-distill-bench.XXXXXX)}
 peak=()
 [ -n "${PEAK_TFLOPS:-}" ] && peak=(--peak-tflops "$PEAK_TFLOPS")
@@ -89,14 +94,20 @@ distill() {  # NAME VOCAB LAUNCHER...: one run; a failure or timeout is reported
     local common=(--teacher "$work/v$vocab/teacher" --student "$work/v$vocab/student" --synthetic-data
                   --seq-len "$seq" --batch-size "$batch" --micro-batch-size "$micro" --steps "$steps"
                   --val-tokens 0 --eval-every 0 --save-every 0 --device cuda --out "$out" "${peak[@]}")
-    echo "== vocab $vocab: $name"
+    local left=$((budget - (SECONDS - started)))
+    if [ "$left" -lt 30 ]; then
+        echo "== vocab $vocab: $name skipped (BUDGET ${budget}s spent)"
+        return
+    fi
+    local limit=$((left < run_timeout ? left : run_timeout))
+    echo "== vocab $vocab: $name (at most ${limit}s)"
     case $name in
-        full)     timeout "$run_timeout" "$py" -m layersplice.distill.command "${common[@]}" --loss-chunk-tokens 0 ;;
-        plain)    timeout "$run_timeout" "$py" -m layersplice.distill.command "${common[@]}" ;;
-        compile)  timeout "$run_timeout" "$py" -m layersplice.distill.command "${common[@]}" --compile ;;
-        torchrun) timeout "$run_timeout" "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
+        full)     timeout "$limit" "$py" -m layersplice.distill.command "${common[@]}" --loss-chunk-tokens 0 ;;
+        plain)    timeout "$limit" "$py" -m layersplice.distill.command "${common[@]}" ;;
+        compile)  timeout "$limit" "$py" -m layersplice.distill.command "${common[@]}" --compile ;;
+        torchrun) timeout "$limit" "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
                       -m layersplice.distill.command "${common[@]}" ;;
-    esac || echo "   $name at vocab $vocab failed or ran past ${run_timeout}s"
+    esac || echo "   $name at vocab $vocab failed or ran past ${limit}s"
 }
 
 started=$SECONDS

@@ -108,6 +108,6 @@ def describe_run(student: torch.nn.Module, teacher: torch.nn.Module, *, tokens_p
     return (
         f"distill: student {n_student / 1e6:,.1f}M parameters (trained, {how[student_sharded]}), teacher "
         f"{n_teacher / 1e6:,.1f}M (frozen, {how[teacher_sharded]}); {tokens_per_step:,} tokens a step; {speed.flops_per_token / 1e9:.3g} GFLOP a token; "
-        f"{peak}; expects about {expected / 2**30:.1f} GiB a device ({devices} device(s)) for weights, "
+        f"{peak}; expects about {expected / 2**30:.3g} GiB a device ({devices} device(s)) for weights, "
         "gradients, optimizer state and logit temporaries, plus activations"
     )
