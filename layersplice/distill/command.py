@@ -70,13 +70,38 @@ _dir = click.Path(file_okay=False, path_type=Path)
               show_default=True, help="Write a resume checkpoint every N steps; 0: never.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--loss-chunk-tokens", type=int,
+              help="CE and KL are computed from the final hidden states and the heads, this many "
+                   "tokens at a time, so the full [tokens x vocabulary] logits never exist. "
+                   "0: full logits (the plain computation; more memory) [default: about 2^24 "
+                   "logits a chunk in multiples of 128 tokens: 128 at a 151,936-token vocabulary, "
+                   "512 at 32,000].")
+@click.option("--shard-teacher", is_flag=True,
+              help="Under torchrun with several processes, shard the teacher with FSDP2 too "
+                   "(for a teacher that does not fit on one device; it is replicated otherwise).")
+@click.option("--compile", "compile_layers", is_flag=True,
+              help="torch.compile each decoder layer (the first steps are slower while it compiles).")
+@click.option("--activation-checkpointing", is_flag=True,
+              help="Recompute each student decoder layer's activations in backward: less memory, "
+                   "about a third more compute.")
+@click.option("--peak-tflops", type=float,
+              help="The device's peak TFLOP/s, for MFU on the progress line and in metrics.jsonl "
+                   "[default: known for common GPUs (bf16 dense); none on CPU].")
 def distill_command(teacher, student, out, files, dataset, dataset_config, split, text_field,
                     synthetic_data, seq_len, val_tokens, val_fraction, shuffle_window, seed,
-                    kl_weight, temperature, cos_weight, **training) -> None:
+                    kl_weight, temperature, cos_weight, compile_layers, **training) -> None:
     """Distill a student from its teacher (CE + KL + hidden-state cosine).
 
-    The same command under torchrun shards both models with FSDP2; the global
-    batch, and so the result, does not depend on the number of processes.
+    The same command under torchrun with several processes shards the student
+    with FSDP2 and gives each process a whole copy of the frozen teacher
+    (--shard-teacher shards it too); the global batch, and so the result, does
+    not depend on the number of processes.
+
+    \b
+    Examples:
+      layersplice distill --teacher T --student S --data corpus/ --out run1
+      torchrun --nproc_per_node 8 -m layersplice.distill.command \\
+          --teacher T --student S --dataset NAME --out run1 --compile
     """
     from layersplice.distill.loop import distill
 
@@ -86,7 +111,8 @@ def distill_command(teacher, student, out, files, dataset, dataset_config, split
         val_fraction=val_fraction, shuffle_window=shuffle_window, seed=seed,
     )
     loss = LossWeights(kl=kl_weight, temperature=temperature, cos=cos_weight)
-    distill(DistillConfig(teacher=teacher, student=student, out=out, data=data, loss=loss, **training))
+    distill(DistillConfig(teacher=teacher, student=student, out=out, data=data, loss=loss,
+                          compile=compile_layers, **training))
 
 
 if __name__ == "__main__":

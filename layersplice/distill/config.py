@@ -83,6 +83,11 @@ class DistillConfig:
     save_every: int = 100
     resume: bool = False
     device: str = "auto"
+    loss_chunk_tokens: int | None = None  # None: chosen from the vocabulary; 0: full logits
+    shard_teacher: bool = False
+    compile: bool = False
+    activation_checkpointing: bool = False
+    peak_tflops: float | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -96,6 +101,12 @@ class DistillConfig:
                 raise DistillError(f"{flag} must be positive, got {value}")
         if not 0 <= self.warmup < 1:
             raise DistillError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
+            raise DistillError(
+                f"--loss-chunk-tokens must be >= 0 (0: full logits), got {self.loss_chunk_tokens}"
+            )
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise DistillError(f"--peak-tflops must be positive, got {self.peak_tflops}")
         if self.eval_every < 0 or self.save_every < 0:
             raise DistillError("--eval-every and --save-every must be >= 0 (0 turns them off)")
 
@@ -112,11 +123,13 @@ class DistillConfig:
     def run_identity(self) -> dict:
         """Settings a resumed run must share with the run it continues.
 
-        The process count and the micro-batch size are left out on purpose: they
-        change how the global batch is computed, not what it is.
+        The process count, the micro-batch size and the ways of computing (loss
+        chunks, sharding, compilation, checkpointing) are left out on purpose:
+        they change how the global batch is computed, not what it is.
         """
         identity = asdict(self)
-        for key in ("teacher", "student", "out", "resume", "device", "micro_batch_size"):
+        how = ("loss_chunk_tokens", "shard_teacher", "compile", "activation_checkpointing", "peak_tflops")
+        for key in ("teacher", "student", "out", "resume", "device", "micro_batch_size", *how):
             identity.pop(key)
         identity["data"]["files"] = [str(p) for p in self.data.files]
         return identity

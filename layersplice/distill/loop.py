@@ -3,8 +3,9 @@
     data -> teacher forward (no grad) -> student forward -> CE, KL, cosine -> step
 
 One process or many (torchrun): the only difference is in `parallel`, which
-shards teacher and student with FSDP2. Each optimizer step consumes the same
---batch-size blocks whatever the number of processes; rank r takes its slice.
+shards the student (and, if asked, the teacher) with FSDP2. Each optimizer
+step consumes the same --batch-size blocks whatever the number of processes;
+rank r takes its slice.
 """
 
 from __future__ import annotations
@@ -18,10 +19,20 @@ from layersplice.distill import parallel
 from layersplice.distill.checkpoints import check_out, export_student, load_checkpoint, save_checkpoint
 from layersplice.distill.config import DistillConfig
 from layersplice.distill.data import Batch, DistillData, load_data
-from layersplice.distill.losses import LossTerms, distill_loss, weighted_total
+from layersplice.distill.chunked import chunked_logit_losses
+from layersplice.distill.heads import head_of
+from layersplice.distill.losses import (
+    LossTerms,
+    cosine_loss,
+    distill_terms,
+    full_logit_losses,
+    kl_scale,
+    weighted_total,
+)
 from layersplice.distill.models import Models, hidden_states_at, load_models
 from layersplice.distill.parallel import World
-from layersplice.distill.progress import RunLog
+from layersplice.distill.progress import RunLog, notice
+from layersplice.distill.throughput import Speed, describe_run, flops_per_token, known_peak_tflops
 
 BETAS = (0.9, 0.95)
 EPS = 1e-8
@@ -34,7 +45,9 @@ def build_optimizer(student: torch.nn.Module, config: DistillConfig) -> torch.op
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=BETAS, eps=EPS)
+    # One fused kernel for all parameters on CUDA; the default (foreach) elsewhere.
+    fused = True if next(student.parameters()).device.type == "cuda" else None
+    return torch.optim.AdamW(groups, lr=config.lr, betas=BETAS, eps=EPS, fused=fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: DistillConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -53,24 +66,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: DistillConfig) -> 
 def forward_and_loss(models: Models, batch: Batch, config: DistillConfig, world: World) -> LossTerms:
     """Teacher (no grad) then student on one micro-batch; the three loss terms."""
     attention_mask = batch.mask.long() if batch.padded else None
+    chunked = models.chunk_tokens > 0
+    # The chunked loss reads the final hidden states and the heads: the models
+    # need compute the logits of one position only.
+    forward = dict(attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    if chunked:
+        forward["logits_to_keep"] = 1
     with world.autocast():
         with torch.no_grad():
-            teacher_out = models.teacher(
-                input_ids=batch.ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
-            )
-            teacher_logits = teacher_out.logits
-            teacher_states = hidden_states_at(
-                teacher_out, models.teacher_indices, models.alignment.n_teacher
-            )
+            teacher_out = models.teacher(input_ids=batch.ids, **forward)
+            teacher_logits = None if chunked else teacher_out.logits
+            teacher_states = hidden_states_at(teacher_out, models.teacher_indices, models.alignment.n_teacher)
             del teacher_out
-        student_out = models.student(
-            input_ids=batch.ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
-        )
+        student_out = models.student(input_ids=batch.ids, **forward)
         student_states = hidden_states_at(student_out, models.student_indices, models.alignment.n_student)
-        return distill_loss(
-            student_out.logits, student_states, teacher_logits, teacher_states,
-            batch.ids, batch.mask, config.loss,
-        )
+        cos = cosine_loss(student_states, teacher_states, batch.mask)
+        if chunked:  # the last aligned pair is the final normed states, which the heads read
+            logit = chunked_logit_losses(
+                head_of(models.student, models.student_form), student_states[-1],
+                head_of(models.teacher, models.teacher_form), teacher_states[-1],
+                batch.ids, batch.mask, config.loss.temperature, kl_scale(config.loss), models.chunk_tokens,
+            )
+        else:
+            logit = full_logit_losses(student_out.logits, teacher_logits, batch.ids, batch.mask, config.loss)
+        return distill_terms(logit, cos, config.loss)
 
 
 def train_step(models: Models, micro_batches: list[Batch], optimizer, scheduler,
@@ -150,7 +169,7 @@ def _run(config: DistillConfig, world: World) -> None:
         step = restored["step"]
         data.train.load_state_dict(restored["data"])
     evaluating = len(data.val.ids) > 0 and config.eval_every > 0
-    tokens_per_step = config.batch_size * config.data.seq_len
+    speed = _speed(models, config, world)
     with RunLog(config.out, config.steps, step, enabled=world.is_main) as log:
         if evaluating and step == 0:
             log.record({"step": 0} | evaluate(models, data, config, world))
@@ -159,7 +178,7 @@ def _run(config: DistillConfig, world: World) -> None:
             micro_batches = micro_batches_of(data, config, world)
             metrics = train_step(models, micro_batches, optimizer, scheduler, config, world)
             step += 1
-            metrics["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
+            metrics |= speed.metrics(time.perf_counter() - started)
             if world.device.type == "cuda":
                 metrics["cuda_max_memory_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
             log.record({"step": step} | metrics)
@@ -169,3 +188,20 @@ def _run(config: DistillConfig, world: World) -> None:
                 save_checkpoint(config, step, models.student, optimizer, scheduler,
                                 data.train.state_dict(), world)
     export_student(config, models.student, models.stored_dtype, world)
+
+
+def _speed(models: Models, config: DistillConfig, world: World) -> Speed:
+    """How a step's time becomes TFLOP/s and MFU; says at start what the run is."""
+    seq_len = config.data.seq_len
+    speed = Speed(
+        tokens_per_step=config.batch_size * seq_len,
+        flops_per_token=flops_per_token(models.student, models.teacher, seq_len),
+        devices=world.size,
+        peak_tflops=config.peak_tflops or known_peak_tflops(world.device),
+    )
+    notice(describe_run(models.student, models.teacher, tokens_per_step=speed.tokens_per_step,
+                        micro_tokens=config.micro_batch_size * seq_len, chunk_tokens=models.chunk_tokens,
+                        devices=world.size, speed=speed,
+                        placement=(parallel.is_sharded(models.student), parallel.is_sharded(models.teacher))),
+           world.is_main)
+    return speed

@@ -4,6 +4,9 @@
               + (w_cos / |A|) * sum over (a, b) in A of mean(1 - cos(h_s[a], h_t[b]))
 
 Every term is an average over real tokens (mask == True), computed in fp32.
+CE and KL come either from full logits (`full_logit_losses`, any model) or,
+without them, from the final hidden states and the heads (chunked.py); both
+give a `LogitLosses`, which `distill_terms` joins with the cosine term.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from layersplice.distill.chunked import LogitLosses
 from layersplice.planning.alignment import Alignment
 
 
@@ -85,21 +89,25 @@ def cosine_loss(
     return torch.stack(distances).mean()
 
 
-def distill_loss(
-    student_logits: torch.Tensor,
-    student_states: list[torch.Tensor],
-    teacher_logits: torch.Tensor,
-    teacher_states: list[torch.Tensor],
-    ids: torch.Tensor,
-    mask: torch.Tensor,
+def full_logit_losses(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
     weights: LossWeights,
-) -> LossTerms:
+) -> LogitLosses:
+    """CE and KL from materialized [batch, seq, vocab] logits."""
     ce = cross_entropy_loss(student_logits, ids, mask)
     kl = kl_loss(student_logits, teacher_logits, mask, weights.temperature)
-    cos = cosine_loss(student_states, teacher_states, mask)
-    return LossTerms(weighted_total(ce, kl, cos, weights), ce.detach(), kl.detach(), cos.detach())
+    return LogitLosses(ce + kl_scale(weights) * kl, ce.detach(), kl.detach())
+
+
+def distill_terms(logit: LogitLosses, cos: torch.Tensor, weights: LossWeights) -> LossTerms:
+    return LossTerms(logit.total + weights.cos * cos, logit.ce, logit.kl, cos.detach())
+
+
+def kl_scale(weights: LossWeights) -> float:
+    """The KL term's weight in the total: w_kl * T^2."""
+    return weights.kl * weights.temperature**2
 
 
 def weighted_total(ce, kl, cos, weights: LossWeights):
     """CE + w_kl * T^2 * KL + w_cos * cos (cos already averaged over the aligned pairs)."""
-    return ce + weights.kl * weights.temperature**2 * kl + weights.cos * cos
+    return ce + kl_scale(weights) * kl + weights.cos * cos

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import torch
 
+from layersplice.distill.chunked import LogitForm, auto_chunk_tokens
 from layersplice.distill.config import DataError, DistillConfig, DistillError, first_line
+from layersplice.distill.heads import logit_form
 from layersplice.distill.losses import aligned_hidden_states
-from layersplice.distill.parallel import World, place
+from layersplice.distill.parallel import World, place, prepare_layers
+from layersplice.distill.progress import notice
 from layersplice.errors import AlignmentError, CheckpointError
 from layersplice.planning.alignment import STUDENT_CONFIG_NAME, Alignment, read_student_config
 
@@ -23,6 +26,11 @@ class Models:
     stored_dtype: torch.dtype  # the student's dtype on disk, used again for the output
     student_indices: list[int]
     teacher_indices: list[int]
+    # Tokens per chunk of the logit losses, and what each model does after its
+    # linear head; chunk_tokens 0 (and no forms): full logits.
+    chunk_tokens: int = 0
+    student_form: LogitForm | None = None
+    teacher_form: LogitForm | None = None
 
 
 def _check_model_dir(path: Path, flag: str) -> None:
@@ -84,15 +92,35 @@ def load_models(config: DistillConfig, world: World) -> Models:
     alignment = Alignment(copied, teacher.config.num_hidden_layers)
     _check_pair(teacher, student, alignment, config)
     pairs = aligned_hidden_states(alignment)
+    forms = _logit_forms(teacher, student, config, world)  # before placing: the check runs a forward
+    prepare_layers(teacher, config.compile, checkpointing=False)
+    prepare_layers(student, config.compile, config.activation_checkpointing)
+    chunk = config.loss_chunk_tokens
     return Models(
-        teacher=place(teacher, world),
-        student=place(student, world),
+        teacher=place(teacher, world, shard=config.shard_teacher),
+        student=place(student, world, shard=True, mixed_precision=True),
         alignment=alignment,
         tokenizer=tokenizer,
         stored_dtype=_stored_dtype(config.student),
         student_indices=[s for s, _ in pairs],
         teacher_indices=[t for _, t in pairs],
+        chunk_tokens=0 if forms is None else chunk or auto_chunk_tokens(teacher.config.vocab_size),
+        student_form=None if forms is None else forms[0],
+        teacher_form=None if forms is None else forms[1],
     )
+
+
+def _logit_forms(teacher, student, config: DistillConfig, world: World) -> tuple[LogitForm, LogitForm] | None:
+    """Both models' logit transforms for the chunked loss, or None for full logits."""
+    if config.loss_chunk_tokens == 0:
+        return None
+    forms = logit_form(student), logit_form(teacher)
+    for form, model, flag in zip(forms, (student, teacher), ("--student", "--teacher"), strict=True):
+        if isinstance(form, str):
+            notice(f"distill: {flag} ({model.config.model_type}): {form}; CE and KL use full "
+                   "[tokens x vocabulary] logits, which take more memory", world.is_main)
+            return None
+    return forms
 
 
 def _check_pair(teacher, student, alignment: Alignment, config: DistillConfig) -> None:

@@ -1,6 +1,8 @@
 """Processes and devices: one plain process, or torchrun with FSDP2 (NCCL on GPU,
-gloo on CPU). Started by torchrun (WORLD_SIZE set), even a single process runs
-sharded, so the FSDP2 path can be measured on one GPU.
+gloo on CPU). With one process there is nothing to shard, and no FSDP at all,
+whether torchrun started it or not. With several, the student is sharded and
+the frozen teacher is replicated (it has no gradients or optimizer state to
+share out) unless --shard-teacher asks for it to be sharded too.
 
 Everything here is a thin call into torch.distributed; in a plain process every
 helper degrades to the single-device operation, so the loop has one path.
@@ -24,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from layersplice.distill.config import DistillError
@@ -46,6 +48,10 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.distributed and self.size > 1
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on CUDA; fp32 on CPU, where bf16 matmuls are slow and inexact."""
@@ -94,14 +100,38 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def place(model: torch.nn.Module, world: World) -> torch.nn.Module:
-    """The model on this process's device; under torchrun, sharded by FSDP2."""
-    if not world.distributed:
+def prepare_layers(model: torch.nn.Module, compile_layers: bool, checkpointing: bool) -> None:
+    """Per decoder layer: activation checkpointing (recompute in backward), torch.compile."""
+    if checkpointing:
+        # transformers 5 renamed gradient_checkpointing_enable; both default to non-reentrant
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    if compile_layers:
+        for layer in decoder_layers(model):
+            layer.compile()  # in place: parameter names, and so checkpoints, stay as they are
+
+
+def place(model: torch.nn.Module, world: World, shard: bool, mixed_precision: bool = False) -> torch.nn.Module:
+    """The model on this process's device; sharded by FSDP2 when asked and there are several processes.
+
+    The root unit holds the embeddings, final norm and LM head, and stays gathered
+    from forward to backward: the chunked loss reads the head after the forward,
+    once a chunk, and must not gather it again each time. On CUDA a trained model
+    computes in bf16 and reduces its gradients in fp32.
+    """
+    if not (shard and world.sharded):
         return model.to(world.device)
+    policy = MixedPrecisionPolicy()
+    if mixed_precision and world.device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
     return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
 
 
 def mean_over_ranks(values: torch.Tensor, world: World) -> torch.Tensor:
@@ -142,7 +172,7 @@ def load_full_state(
     world: World,
 ) -> None:
     """Load full state dicts that rank 0 read from disk; other ranks get them broadcast."""
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.distributed)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.sharded)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 

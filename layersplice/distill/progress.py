@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -15,6 +16,12 @@ from rich.progress import (
 )
 
 METRICS_NAME = "metrics.jsonl"
+
+
+def notice(message: str, enabled: bool) -> None:
+    """One line to the user on stderr (from rank 0 only: pass world.is_main)."""
+    if enabled:
+        Console(stderr=True, highlight=False).print(message, markup=False, soft_wrap=True)
 
 
 class RunLog:
@@ -63,8 +70,11 @@ class RunLog:
         if "loss" in values:
             terms = (
                 f"loss {values['loss']:.4f} ce {values['ce']:.4f} kl {values['kl']:.4f} "
-                f"cos {values['cos']:.4f} {values['tokens_per_s']:,.0f} tok/s"
+                f"cos {values['cos']:.4f} {values['tokens_per_s']:,.0f} tok/s "
+                f"{values['tflops_per_device']:.3g} TFLOP/s"
             )
+            if "mfu" in values:
+                terms += f" MFU {values['mfu']:.1%}"
             self.progress.update(self.task, completed=values["step"], terms=terms, refresh=True)
         else:
             self.progress.console.print(
