@@ -26,7 +26,6 @@ import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -34,6 +33,8 @@ from layersplice.cli.main import cli
 from layersplice.distill import loop
 from layersplice.distill.config import DataSpec, DistillConfig
 from layersplice.planning.alignment import Alignment, read_student_config
+
+from hand_loop import plain_loss
 
 WARMUP_STEPS = 2
 
@@ -74,15 +75,8 @@ def hand_written(teacher_dir: Path, student_dir: Path, args, clock) -> list[floa
         started = clock()
         for _ in range(accumulation):
             ids = torch.randint(teacher.config.vocab_size, (args.micro_batch_size, args.seq_len), generator=generator)
-            with torch.no_grad():
-                t = teacher(ids, output_hidden_states=True, use_cache=False)
-            s = student(ids, output_hidden_states=True, use_cache=False)
-            ce = F.cross_entropy(s.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-            kl = F.kl_div(F.log_softmax(s.logits, -1), F.log_softmax(t.logits, -1),
-                          reduction="none", log_target=True).sum(-1).mean()
-            cos = torch.stack([(1 - F.cosine_similarity(s.hidden_states[a], t.hidden_states[b], dim=-1)).mean()
-                               for a, b in pairs]).mean()
-            ((ce + 0.1 * kl + 2.0 * cos) / accumulation).backward()
+            ce, total = plain_loss(teacher, student, ids, pairs)
+            (total / accumulation).backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

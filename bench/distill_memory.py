@@ -32,7 +32,8 @@ import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from hand_loop import plain_loss
 
 SEQ_LEN, VOCAB, HIDDEN, LAYERS = 2048, 151_936, 256, 6
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
@@ -90,17 +91,8 @@ def hand_written(root: Path, args, clock) -> list[float]:
     for _ in range(args.steps):
         started = clock()
         ids = torch.randint(VOCAB, (1, SEQ_LEN), generator=generator)
-        with torch.no_grad():
-            t = teacher(ids, output_hidden_states=True, use_cache=False)
-        s = student(ids, output_hidden_states=True, use_cache=False)
-        ce = F.cross_entropy(s.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        kl = F.kl_div(F.log_softmax(s.logits, -1), F.log_softmax(t.logits, -1),
-                      reduction="none", log_target=True).sum(-1).mean()
-        cos = torch.stack([(1 - F.cosine_similarity(s.hidden_states[a], t.hidden_states[b], dim=-1)).mean()
-                           for a, b in pairs]).mean()
-        del t
-        (ce + 0.1 * kl + 2.0 * cos).backward()
-        del s
+        ce, total = plain_loss(teacher, student, ids, pairs)
+        total.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
