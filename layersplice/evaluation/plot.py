@@ -1,4 +1,4 @@
-"""PNG plots of a family: a score against parameters, student and teacher marked."""
+"""PNG plots of a family: a score against a parameter count, student and teacher marked."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ class Curve:
 
 
 def plot_family(path: Path, curves: list[Curve], student: tuple[int, float], teacher: tuple[int, float],
-                ylabel: str, title: str, log_y: bool = False) -> Path:
-    """Write the curves, with the student and the teacher marked, as a PNG."""
+                ylabel: str, title: str, log_y: bool = False, xlabel: str = "parameters") -> Path:
+    """Write the curves, with the student and the teacher marked, as a PNG; x is `xlabel`, in millions etc."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import ScalarFormatter
@@ -42,7 +42,7 @@ def plot_family(path: Path, curves: list[Curve], student: tuple[int, float], tea
         axes.set_yscale("log")
         axes.yaxis.set_major_formatter(ScalarFormatter())
         axes.yaxis.set_minor_formatter(ScalarFormatter())
-    axes.set_xlabel(f"parameters ({unit})")
+    axes.set_xlabel(f"{xlabel} ({unit})")
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(True, alpha=0.3)
