@@ -14,7 +14,8 @@ class Curve:
     label: str
     parameters: list[int]
     values: list[float]
-    style: str = "-"
+    style: str = "-"  # a matplotlib line style; "none" for points alone
+    marker: str = "o"
     point_labels: list[str] | None = None  # e.g. each size's layer count
 
 
@@ -31,7 +32,7 @@ def plot_family(path: Path, curves: list[Curve], student: tuple[int, float], tea
     scale, unit = _scale(teacher[0])
     for curve in curves:
         xs = [p / scale for p in curve.parameters]
-        axes.plot(xs, curve.values, curve.style, marker="o", label=curve.label)
+        axes.plot(xs, curve.values, linestyle=curve.style, marker=curve.marker, label=curve.label)
         for x, y, text in zip(xs, curve.values, curve.point_labels or []):
             axes.annotate(text, (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8, color="dimgray")
     for (params, value), name, marker in ((student, "student", "s"), (teacher, "teacher", "*")):

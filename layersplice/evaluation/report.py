@@ -122,7 +122,8 @@ def write_task_report(out: Path, results: list, meta: dict) -> dict[str, Path]:
     from layersplice.evaluation.lm_tasks import headline_metric
 
     paths = dict(zip(("json", "csv", "png"), (out / name for name in TASK_FILES)))
-    base = [{"role": r.role, "layers": r.layers, "parameters": r.parameters, "keep": r.keep} for r in results]
+    base = [{"role": r.role, "layers": r.layers, "parameters": r.parameters,
+             "non_embedding_parameters": r.non_embedding_parameters, "keep": r.keep} for r in results]
     write_json(paths["json"], {**meta, "sizes": [{**row, "scores": r.scores} for row, r in zip(base, results)]})
     write_csv(paths["csv"], [
         {**row, **{f"{task}/{metric}": value for task, metrics in r.scores.items() for metric, value in metrics.items()}}
@@ -130,13 +131,14 @@ def write_task_report(out: Path, results: list, meta: dict) -> dict[str, Path]:
     ])
     tasks = list(results[0].scores)
     metric = {task: headline_metric(results[0].scores[task]) for task in tasks}
-    curves = [Curve(f"{task} ({metric[task]})", [r.parameters for r in results],
-                    [r.scores[task][metric[task]] for r in results]) for task in tasks]
+    core = [r.non_embedding_parameters for r in results]
+    curves = [Curve(f"{task} ({metric[task]})", core, [r.scores[task][metric[task]] for r in results]) for task in tasks]
     first = tasks[0]
     student, teacher = _ends(results)
-    plot_family(paths["png"], curves, (student.parameters, student.scores[first][metric[first]]),
-                (teacher.parameters, teacher.scores[first][metric[first]]),
-                "accuracy", f"lm-eval accuracy against size: {meta.get('name', '')}".rstrip(": "))
+    plot_family(paths["png"], curves, (student.non_embedding_parameters, student.scores[first][metric[first]]),
+                (teacher.non_embedding_parameters, teacher.scores[first][metric[first]]),
+                "accuracy", f"lm-eval accuracy against size: {meta.get('name', '')}".rstrip(": "),
+                xlabel="non-embedding parameters")
     return paths
 
 
