@@ -45,6 +45,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 SEQ_LEN = 128
 TOKENS = 16_384
 QUICK_DOCUMENTS = 60  # --quick distills on these first documents only: enough for its held-out split
+QUICK_CALIBRATION_TOKENS = 256  # --quick: the KL order's 15 candidates on one window each
 STUDENT_FILES = ("student_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -116,8 +117,9 @@ def measure(args, work: Path) -> tuple[dict[str, list[SizeResult]], dict[int, fl
     held_out = write_documents(work / "held-out.jsonl", HELD_OUT_MODULES)
     calibration = write_documents(work / "calibration.jsonl", CALIBRATION_MODULES)
     tokenizer = load_tokenizer(teacher)
-    chosen = choose_kl_order(LoadedPair(job, torch.device("cpu"), torch.float32),
-                             calibration_text(job, calibration, tokenizer))
+    calibration = (load_text(calibration, tokenizer, SEQ_LEN, QUICK_CALIBRATION_TOKENS) if args.quick
+                   else calibration_text(job, calibration, tokenizer))
+    chosen = choose_kl_order(LoadedPair(job, torch.device("cpu"), torch.float32), calibration)
     request = EvalRequest(held_out, baseline=True, seq_len=SEQ_LEN, max_tokens=args.tokens, device="cpu")
     curves = {order: evaluate_family(job, blocks, request)[0]
               for order, blocks in (("last", "last"), ("first", "first"), ("kl", chosen.blocks))}
@@ -150,12 +152,16 @@ def plot(path: Path, curves: dict[str, list[SizeResult]], direct: dict[int, floa
     lines = [Curve(f"interpolation, order {name}", list(core.values()), [r.perplexity for r in curves[name]])
              for name in ("last", "first", "kl")]
     lines.append(Curve("naive layer dropping", list(core.values()), [r.naive_perplexity for r in last], "--"))
-    lines += [Curve(f"ablation: {name}, interpolated", list(core.values()), [r.perplexity for r in curves[name]], ":")
-              for name in ("no cosine term", "random init")]
+    lines.append(Curve("ablation: no cosine term, interpolated", list(core.values()),
+                       [r.perplexity for r in curves["no cosine term"]], ":"))
+    random_init = [r.perplexity for r in curves["random init"]]
+    top = 1.25 * max(r.naive_perplexity for r in last)
+    lines.append(Curve(f"ablation: random init, interpolated (up to {max(random_init):,.0f})", list(core.values()),
+                       random_init, ":"))
     lines.append(Curve("distilled directly at that size", [core[n] for n in direct], list(direct.values()), "none", marker="D"))
     plot_family(path, lines, (last[0].non_embedding_parameters, last[0].perplexity),
                 (last[-1].non_embedding_parameters, last[-1].perplexity), "perplexity (held-out text)",
-                "Boomerang distillation on the fixture pair", log_y=True, xlabel="non-embedding parameters")
+                "Boomerang distillation on the fixture pair", xlabel="non-embedding parameters", y_top=top)
 
 
 def claims(curves: dict[str, list[SizeResult]], direct: dict[int, float]) -> list[str]:
