@@ -155,13 +155,13 @@ def plot(path: Path, curves: dict[str, list[SizeResult]], direct: dict[int, floa
     lines.append(Curve("ablation: no cosine term, interpolated", list(core.values()),
                        [r.perplexity for r in curves["no cosine term"]], ":"))
     random_init = [r.perplexity for r in curves["random init"]]
-    top = 1.25 * max(r.naive_perplexity for r in last)
+    shown = (0.97 * last[-1].perplexity, 1.05 * max(r.naive_perplexity for r in last))
     lines.append(Curve(f"ablation: random init, interpolated (up to {max(random_init):,.0f})", list(core.values()),
                        random_init, ":"))
     lines.append(Curve("distilled directly at that size", [core[n] for n in direct], list(direct.values()), "none", marker="D"))
     plot_family(path, lines, (last[0].non_embedding_parameters, last[0].perplexity),
                 (last[-1].non_embedding_parameters, last[-1].perplexity), "perplexity (held-out text)",
-                "Boomerang distillation on the fixture pair", xlabel="non-embedding parameters", y_top=top)
+                "Boomerang distillation on the fixture pair", xlabel="non-embedding parameters", y_range=shown)
 
 
 def claims(curves: dict[str, list[SizeResult]], direct: dict[int, float]) -> list[str]:

@@ -21,7 +21,7 @@ class Curve:
 
 def plot_family(path: Path, curves: list[Curve], student: tuple[int, float], teacher: tuple[int, float],
                 ylabel: str, title: str, log_y: bool = False, xlabel: str = "parameters",
-                y_top: float | None = None) -> Path:
+                y_range: tuple[float, float] | None = None) -> Path:
     """Write the curves, with the student and the teacher marked, as a PNG; x is `xlabel`, in millions etc."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -44,8 +44,8 @@ def plot_family(path: Path, curves: list[Curve], student: tuple[int, float], tea
         axes.set_yscale("log")
         axes.yaxis.set_major_formatter(ScalarFormatter())
         axes.yaxis.set_minor_formatter(ScalarFormatter())
-    if y_top is not None:  # curves far above it run off the top, so the close ones stay apart
-        axes.set_ylim(top=y_top)
+    if y_range is not None:  # curves far outside it run off the plot, so the close ones stay apart
+        axes.set_ylim(*y_range)
     axes.set_xlabel(f"{xlabel} ({unit})")
     axes.set_ylabel(ylabel)
     axes.set_title(title)
