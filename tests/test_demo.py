@@ -1,8 +1,9 @@
 """`layersplice demo` and what it must show on the trained fixture pair: every
 interpolated size between student and teacher, perplexity falling with size,
-and the distilled interpolation beating naive layer dropping at every
-intermediate size. The demo patches blocks in the --order kl order (bench/RESULTS.md,
-orders, compares it with last and first)."""
+the distilled interpolation beating naive layer dropping at every
+intermediate size, and a plot axis that grows with every size. The demo
+patches blocks in the --order kl order (bench/RESULTS.md, orders, compares it
+with last and first)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,18 @@ def test_every_interpolated_size_lies_between_student_and_teacher_and_improves_w
     assert perplexities == sorted(perplexities, reverse=True)
     layers = [s["layers"] for s in sizes]
     assert layers == sorted(set(layers))
+
+
+def test_the_plot_axis_grows_with_every_size_and_the_summary_states_gap_and_margin(demo):
+    summary = demo[0]
+    core = [s["non_embedding_parameters"] for s in summary["sizes"]]
+    assert core == sorted(set(core))
+    student, teacher = summary["sizes"][0]["perplexity"], summary["sizes"][-1]["perplexity"]
+    margins = {s["layers"]: s["margin_vs_naive"] for s in summary["sizes"] if s["role"] == "interpolated"}
+    smallest = min(margins, key=margins.get)
+    lines = "\n".join(summary["summary"])
+    assert f"the student's is {student / teacher:.2f}x the teacher's" in lines
+    assert f"smallest margin {margins[smallest]:+.3f} perplexity (at {smallest} layers)" in lines
 
 
 def test_distillation_beats_naive_layer_dropping_at_every_intermediate_size(demo):

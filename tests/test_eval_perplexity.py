@@ -136,3 +136,22 @@ def test_eval_input_errors_are_one_line(eval_pair, tmp_path, args, message):
     result = CliRunner().invoke(cli, ["eval", *pair.args(), *filled, "--out", str(tmp_path / "o")])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_non_embedding_parameters_grow_with_layers_even_where_the_full_count_zigzags(eval_pair, tmp_path):
+    # A tied pair: an interpolated size with the student's embeddings and the
+    # teacher's head stores an untied head (one more vocabulary matrix), which
+    # can make its full count exceed a larger size's; the count without
+    # embeddings and head follows the layers alone.
+    pair = eval_pair("llama-tied")
+    run("eval", *pair.args(), "--data", str(pair.text), "--max-tokens", "300", "--seq-len", "64", "--out", str(tmp_path))
+    sizes = json.loads((tmp_path / "eval.json").read_text())["sizes"]
+    vocab, hidden, inner, heads, kv_heads = 128, 32, 64, 4, 2  # conftest._SIZES, worked by hand
+    head_dim = hidden // heads
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim + 3 * hidden * inner + 2 * hidden
+    for size in sizes:
+        assert size["non_embedding_parameters"] == size["layers"] * per_layer + hidden  # + the final norm
+    ends = {size["parameters"] - size["non_embedding_parameters"] for size in sizes}
+    assert ends == {vocab * hidden, 2 * vocab * hidden}  # tied sizes, and the untied ones in between
+    core = [size["non_embedding_parameters"] for size in sizes]
+    assert core == sorted(set(core))

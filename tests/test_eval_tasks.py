@@ -59,7 +59,7 @@ def test_tasks_run_on_every_size_and_give_a_table_json_csv_and_plot(eval_pair, t
     for size in report["sizes"]:
         assert 0 <= size["scores"]["tiny_docstring_mc"]["acc"] <= 1
         assert set(size["scores"]["tiny_docstring_mc"]) == {"acc"}
-    assert (out / "tasks.csv").read_text().splitlines()[0] == "role,layers,parameters,keep,tiny_docstring_mc/acc"
+    assert (out / "tasks.csv").read_text().splitlines()[0] == "role,layers,parameters,non_embedding_parameters,keep,tiny_docstring_mc/acc"
     with Image.open(out / "tasks.png") as image:
         assert image.format == "PNG" and image.size == (800, 500)
 

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layersplice.errors import LayerspliceError
-from layersplice.evaluation.perplexity import EvalRequest, FamilyModels, by_size, family_models, load_tokenizer, role_of
+from layersplice.evaluation.perplexity import (
+    EvalRequest, FamilyModels, by_size, family_models, load_tokenizer, non_embedding_parameters, role_of,
+)
 from layersplice.planning.blocks import Order
 from layersplice.planning.job import Job
 
@@ -24,6 +26,7 @@ class TaskResult:
     role: str
     layers: int
     parameters: int
+    non_embedding_parameters: int
     keep: int | None
     scores: dict[str, dict[str, float]]  # task -> metric -> value
 
@@ -83,8 +86,10 @@ def evaluate_tasks(job: Job, order: Order, request: EvalRequest, tasks: list[str
     for keep, plan in sorted(family.sizes, key=by_size):
         if on_size:
             on_size(f"{plan.n_layers} layers: {', '.join(tasks)}")
-        scores = run_tasks(family.model_for(plan), tokenizer, tasks, manager, request.batch_size, limit)
-        results.append(TaskResult(role_of(plan, family.n_student), plan.n_layers, plan.params, keep, scores))
+        model = family.model_for(plan)
+        scores = run_tasks(model, tokenizer, tasks, manager, request.batch_size, limit)
+        results.append(TaskResult(role_of(plan, family.n_student), plan.n_layers, plan.params,
+                                  non_embedding_parameters(model), keep, scores))
     meta = {"tasks": tasks, "limit": limit, "include_path": str(include_path) if include_path else None,
             **family.describe(request)}
     return results, meta

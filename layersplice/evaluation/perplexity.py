@@ -103,6 +103,7 @@ class SizeResult:
     patched_blocks: tuple[int, ...]
     perplexity: float
     tokens: int
+    non_embedding_parameters: int  # the layers and the final norm: what the layer count drives, tied head or not
     naive_perplexity: float | None = None
     naive_parameters: int | None = None  # the teacher's tied head stays tied when no student part joins it
 
@@ -139,7 +140,9 @@ def evaluate_sizes(
         if on_size:
             on_size(f"{plan.n_layers} layers")
         role = role_of(plan, n_student)
-        perplexity, count = _perplexity(model_for(plan), text, batch_size, device)
+        model = model_for(plan)
+        perplexity, count = _perplexity(model, text, batch_size, device)
+        core = non_embedding_parameters(model)
         naive = naive_params = None
         if naive_for is not None and role == TEACHER_ROLE:
             naive, naive_params = perplexity, plan.params  # dropping no layer is the teacher itself
@@ -147,10 +150,17 @@ def evaluate_sizes(
             model = naive_for(plan)
             naive, naive_params = _perplexity(model, text, batch_size, device)[0], model.num_parameters()
         results.append(SizeResult(
-            role, plan.n_layers, plan.params, plan.nbytes, keep, plan.teacher_blocks, perplexity, count,
+            role, plan.n_layers, plan.params, plan.nbytes, keep, plan.teacher_blocks, perplexity, count, core,
             naive, naive_params,
         ))
     return results
+
+
+def non_embedding_parameters(model) -> int:
+    """Parameters outside the input embeddings and the LM head (counted once when tied)."""
+    ends = (model.get_input_embeddings(), model.get_output_embeddings())
+    skipped = {id(p) for module in ends if module is not None for p in module.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skipped)
 
 
 def _perplexity(model, text: EvalText, batch_size: int, device: torch.device) -> tuple[float, int]:

@@ -1,4 +1,4 @@
-"""PNG plots of a family: a score against parameters, student and teacher marked."""
+"""PNG plots of a family: a score against a parameter count, student and teacher marked."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ class Curve:
     label: str
     parameters: list[int]
     values: list[float]
-    style: str = "-"
+    style: str = "-"  # a matplotlib line style; "none" for points alone
+    marker: str = "o"
     point_labels: list[str] | None = None  # e.g. each size's layer count
 
 
 def plot_family(path: Path, curves: list[Curve], student: tuple[int, float], teacher: tuple[int, float],
-                ylabel: str, title: str, log_y: bool = False) -> Path:
-    """Write the curves, with the student and the teacher marked, as a PNG."""
+                ylabel: str, title: str, log_y: bool = False, xlabel: str = "parameters",
+                y_range: tuple[float, float] | None = None) -> Path:
+    """Write the curves, with the student and the teacher marked, as a PNG; x is `xlabel`, in millions etc."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import ScalarFormatter
@@ -31,7 +33,7 @@ def plot_family(path: Path, curves: list[Curve], student: tuple[int, float], tea
     scale, unit = _scale(teacher[0])
     for curve in curves:
         xs = [p / scale for p in curve.parameters]
-        axes.plot(xs, curve.values, curve.style, marker="o", label=curve.label)
+        axes.plot(xs, curve.values, linestyle=curve.style, marker=curve.marker, label=curve.label)
         for x, y, text in zip(xs, curve.values, curve.point_labels or []):
             axes.annotate(text, (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8, color="dimgray")
     for (params, value), name, marker in ((student, "student", "s"), (teacher, "teacher", "*")):
@@ -42,7 +44,9 @@ def plot_family(path: Path, curves: list[Curve], student: tuple[int, float], tea
         axes.set_yscale("log")
         axes.yaxis.set_major_formatter(ScalarFormatter())
         axes.yaxis.set_minor_formatter(ScalarFormatter())
-    axes.set_xlabel(f"parameters ({unit})")
+    if y_range is not None:  # curves far outside it run off the plot, so the close ones stay apart
+        axes.set_ylim(*y_range)
+    axes.set_xlabel(f"{xlabel} ({unit})")
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(True, alpha=0.3)

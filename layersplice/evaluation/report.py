@@ -23,6 +23,7 @@ def size_row(result: SizeResult) -> dict:
         "role": result.role,
         "layers": result.layers,
         "parameters": result.parameters,
+        "non_embedding_parameters": result.non_embedding_parameters,
         "bytes": result.bytes,
         "keep": result.keep,
         "patched_blocks": list(result.patched_blocks),
@@ -40,15 +41,18 @@ def write_perplexity_report(out: Path, results: list[SizeResult], meta: dict) ->
     paths = dict(zip(("json", "csv", "png"), (out / name for name in PERPLEXITY_FILES)))
     write_json(paths["json"], {**meta, "sizes": rows})
     write_csv(paths["csv"], rows)
-    curves = [Curve("boomerang interpolation", [r.parameters for r in results], [r.perplexity for r in results],
+    # Non-embedding parameters grow with the layer count alone; the full count
+    # does not (a size whose head is untied stores one more vocabulary matrix).
+    core = [r.non_embedding_parameters for r in results]
+    curves = [Curve("boomerang interpolation", core, [r.perplexity for r in results],
                     point_labels=[f"{r.layers}L" for r in results])]
     if all(r.naive_perplexity is not None for r in results):
-        curves.append(Curve("naive layer dropping (no distillation)", [r.naive_parameters for r in results],
-                            [r.naive_perplexity for r in results], "--"))
+        curves.append(Curve("naive layer dropping (no distillation)", core, [r.naive_perplexity for r in results], "--"))
     student, teacher = _ends(results)
-    plot_family(paths["png"], curves, (student.parameters, student.perplexity), (teacher.parameters, teacher.perplexity),
-                "perplexity (held-out text)", f"Perplexity against size: {meta.get('name', '')}".rstrip(": "),
-                log_y=_spread(curves) > LOG_SCALE_SPREAD)
+    plot_family(paths["png"], curves, (student.non_embedding_parameters, student.perplexity),
+                (teacher.non_embedding_parameters, teacher.perplexity), "perplexity (held-out text)",
+                f"Perplexity against size: {meta.get('name', '')}".rstrip(": "),
+                log_y=_spread(curves) > LOG_SCALE_SPREAD, xlabel="non-embedding parameters")
     return paths
 
 
@@ -79,21 +83,24 @@ def perplexity_table(console: Console, results: list[SizeResult], title: str) ->
 
 
 def interpolation_summary(results: list[SizeResult]) -> list[str]:
-    """One line a check of what the method promises: ordered, bracketed, better than naive."""
+    """One line a check of what the method promises: a gap to bridge, ordered, bracketed, better than naive."""
     student, teacher = _ends(results)
     middle = [r for r in results if r.role == INTERPOLATED_ROLE]
     values = [r.perplexity for r in results]
     low, high = sorted((student.perplexity, teacher.perplexity))
     lines = [
-        f"student {student.perplexity:.3f} -> teacher {teacher.perplexity:.3f} perplexity; "
+        f"student {student.perplexity:.3f} -> teacher {teacher.perplexity:.3f} perplexity "
+        f"(the student's is {student.perplexity / teacher.perplexity:.2f}x the teacher's); "
         f"{sum(low < r.perplexity < high for r in middle)}/{len(middle)} interpolated sizes lie between them",
         "perplexity falls as size grows: " + ("yes" if all(a > b for a, b in zip(values, values[1:])) else "no"),
     ]
-    margins = [r.margin for r in middle if r.margin is not None]
+    margins = {r.layers: r.margin for r in middle if r.margin is not None}
     if margins:
+        smallest = min(margins, key=margins.get)
         lines.append(
-            f"better than naive layer dropping at {sum(m > 0 for m in margins)}/{len(margins)} interpolated sizes; "
-            f"margin {min(margins):+.3f} to {max(margins):+.3f} perplexity"
+            f"better than naive layer dropping at {sum(m > 0 for m in margins.values())}/{len(margins)} interpolated "
+            f"sizes; smallest margin {margins[smallest]:+.3f} perplexity (at {smallest} layers), "
+            f"largest {max(margins.values()):+.3f}"
         )
     return lines
 
@@ -115,7 +122,8 @@ def write_task_report(out: Path, results: list, meta: dict) -> dict[str, Path]:
     from layersplice.evaluation.lm_tasks import headline_metric
 
     paths = dict(zip(("json", "csv", "png"), (out / name for name in TASK_FILES)))
-    base = [{"role": r.role, "layers": r.layers, "parameters": r.parameters, "keep": r.keep} for r in results]
+    base = [{"role": r.role, "layers": r.layers, "parameters": r.parameters,
+             "non_embedding_parameters": r.non_embedding_parameters, "keep": r.keep} for r in results]
     write_json(paths["json"], {**meta, "sizes": [{**row, "scores": r.scores} for row, r in zip(base, results)]})
     write_csv(paths["csv"], [
         {**row, **{f"{task}/{metric}": value for task, metrics in r.scores.items() for metric, value in metrics.items()}}
@@ -123,13 +131,14 @@ def write_task_report(out: Path, results: list, meta: dict) -> dict[str, Path]:
     ])
     tasks = list(results[0].scores)
     metric = {task: headline_metric(results[0].scores[task]) for task in tasks}
-    curves = [Curve(f"{task} ({metric[task]})", [r.parameters for r in results],
-                    [r.scores[task][metric[task]] for r in results]) for task in tasks]
+    core = [r.non_embedding_parameters for r in results]
+    curves = [Curve(f"{task} ({metric[task]})", core, [r.scores[task][metric[task]] for r in results]) for task in tasks]
     first = tasks[0]
     student, teacher = _ends(results)
-    plot_family(paths["png"], curves, (student.parameters, student.scores[first][metric[first]]),
-                (teacher.parameters, teacher.scores[first][metric[first]]),
-                "accuracy", f"lm-eval accuracy against size: {meta.get('name', '')}".rstrip(": "))
+    plot_family(paths["png"], curves, (student.non_embedding_parameters, student.scores[first][metric[first]]),
+                (teacher.non_embedding_parameters, teacher.scores[first][metric[first]]),
+                "accuracy", f"lm-eval accuracy against size: {meta.get('name', '')}".rstrip(": "),
+                xlabel="non-embedding parameters")
     return paths
 
 

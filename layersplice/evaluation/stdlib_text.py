@@ -1,10 +1,9 @@
 """Text every Python installation has: the docstrings of fixed standard-library modules.
 
 The tiny fixture pair (fixtures/make_tiny_pair.py) is trained on stdlib
-docstrings and comments taken in sorted file order up to 1.5M characters,
-which ends in encodings/ on CPython 3.11. The modules below all sort far
-later, so their text is held out from that training; the two sets are disjoint
-so that calibrating --order kl and measuring it use different text.
+docstrings and comments with the files of the modules below left out, so
+their text is held out from that training; the two sets are disjoint so that
+calibrating --order kl and measuring it use different text.
 """
 
 from __future__ import annotations
