@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import json
-import math
 import random
 import subprocess
 import sys
@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from layersplice.distill.config import DataSpec
@@ -108,22 +107,19 @@ def fine_tune(base: Path, data_file: Path, out: Path, steps: int, lr: float) -> 
     model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
     spec = DataSpec(files=(data_file,), seq_len=SEQ_LEN, val_tokens=SEQ_LEN, shuffle_window=4096, seed=SEED)
     data = load_data(spec, tokenizer, len(tokenizer))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / 10, 0.5 * (1 + math.cos(math.pi * step / steps))))
     model.train()
-    for step in range(steps):
-        ids = data.train.next_blocks(8)
-        loss = F.cross_entropy(model(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            print(f"fine-tune step {step}: loss {loss.item():.3f}", file=sys.stderr, flush=True)
+    _fixture_script().train_next_token(model, data, steps, batch_size=8, lr=lr, warmup=10, label="fine-tune",
+                                       report_every=100)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _fixture_script():
+    """fixtures/make_tiny_pair.py, whose next-token training loop the fine-tune shares."""
+    spec = importlib.util.spec_from_file_location("make_tiny_pair", FIXTURES / "make_tiny_pair.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def layersplice(*args: str) -> str:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers.modeling_utils
 from click.testing import CliRunner
+from eval_support import one_torch_thread  # noqa: F401 - autouse: one thread, as torchrun's workers run
 from safetensors.torch import load_file
 from test_distill_support import make_pair
 from torch._dynamo.utils import counters
@@ -16,14 +17,6 @@ from torch.utils.checkpoint import checkpoint
 
 import layersplice.distill.models
 from layersplice.distill.command import distill_command
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
