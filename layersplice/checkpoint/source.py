@@ -52,6 +52,10 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def describe(self) -> dict:
+        """Where it came from, as provenance records list each source."""
+        return {"reference": self.reference, "revision": self.revision, "directory": str(self.directory)}
+
 
 def open_checkpoint(reference: str | Path, revision: str | None = None, allow_pickle: bool = False) -> Checkpoint:
     """Open a local directory, or resolve a hub repo id through huggingface_hub.

@@ -272,7 +272,7 @@ def init_student(
         write_sealed(tmp / PROVENANCE_FILE, {
             "layersplice_version": __version__,
             "kind": "init-student",
-            "sources": {TEACHER: {"reference": teacher.reference, "revision": teacher.revision, "directory": str(teacher.directory)}},
+            "sources": {TEACHER: teacher.describe()},
             "alignment": {"copied_teacher_layers": list(alignment.copied), "teacher_layers": alignment.n_teacher, "from": origin},
             "dtype": cast,
             "per_layer_config": rewritten,

@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from layersplice.checkpoint.atomic import atomic_directory
+from layersplice.checkpoint.atomic import atomic_directory, output_lock
 from layersplice.checkpoint.sealed_json import read_sealed, replace_sealed, write_sealed
 from layersplice.errors import OutputError
 from layersplice.output.card import CARD_FILE
@@ -44,16 +44,17 @@ def write_eval_cards(family: Path, scores: dict[int, list[Score]]) -> list[Path]
             raise OutputError(
                 f"--write-cards: {directory} has no {CARD_FILE} (built with --no-card); rebuild it without --no-card"
             )
-    for directory, results in targets.items():
-        _reseal_with_results(directory, results)
-    try:
-        if (family / PARTS_DIR).is_dir():
-            refresh_parts(family)
-        else:  # a family written before part records existed
-            sizes = [size_entry(family / entry["directory"]) for entry in manifest["sizes"]]
-            replace_sealed(family / MANIFEST_FILE, {**manifest, "sizes": sizes})
-    except FamilyProblem as exc:
-        raise OutputError(f"--write-cards {family}: {exc}") from None
+    with output_lock(family):  # the family's records are rewritten: no build part may write meanwhile
+        for directory, results in targets.items():
+            _reseal_with_results(directory, results)
+        try:
+            if (family / PARTS_DIR).is_dir():
+                refresh_parts(family)
+            else:  # a family written before part records existed
+                sizes = [size_entry(family / entry["directory"]) for entry in manifest["sizes"]]
+                replace_sealed(family / MANIFEST_FILE, {**manifest, "sizes": sizes})
+        except FamilyProblem as exc:
+            raise OutputError(f"--write-cards {family}: {exc}") from None
     return [directory / CARD_FILE for directory in targets]
 
 

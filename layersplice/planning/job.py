@@ -32,10 +32,7 @@ class Job:
         return {TEACHER: self.teacher.config, STUDENT: self.student.config}
 
     def describe_sources(self) -> dict:
-        return {
-            model: {"reference": ckpt.reference, "revision": ckpt.revision, "directory": str(ckpt.directory)}
-            for model, ckpt in ((TEACHER, self.teacher), (STUDENT, self.student))
-        }
+        return {TEACHER: self.teacher.describe(), STUDENT: self.student.describe()}
 
 
 def open_job(

@@ -56,11 +56,7 @@ class Transfer:
         return sum(t.numel for t in self.tensors)
 
     def describe_sources(self) -> dict:
-        return {
-            role: {"reference": m.checkpoint.reference, "revision": m.checkpoint.revision,
-                   "directory": str(m.checkpoint.directory)}
-            for role, m in sorted(self.models.items())
-        }
+        return {role: m.checkpoint.describe() for role, m in sorted(self.models.items())}
 
 
 def open_transfer(
