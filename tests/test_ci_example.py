@@ -29,7 +29,7 @@ FIXTURE_ENV = {
     "EVAL_OPTIONS": "--seq-len 64 --max-tokens 1024 --device cpu",
     "HUB_OWNER": "nobody",
 }
-FIXTURE_PARTS = ["5,6", "7,8"]  # the tiny family's layer counts (recipes/tiny.yaml: 8-layer teacher, 5-layer student)
+FIXTURE_PARTS = ["9,10,11,12", "13,14,15,16"]  # the tiny family's layer counts (recipes/tiny.yaml: 16-layer teacher, 9-layer student)
 EXPRESSION = re.compile(r"\$\{\{\s*([\w.-]+)\s*\}\}")
 
 
@@ -70,7 +70,7 @@ def test_the_ci_example_publishes_the_fixture_family(tmp_path):
     assert _run_steps(workflow["jobs"]["publish"], env, publisher, {}) == ["assemble", "eval"]
     family = publisher / "family"
     manifest = json.loads((family / "manifest.json").read_text())
-    assert [entry["layers"] for entry in manifest["sizes"]] == [5, 6, 7, 8]
+    assert [entry["layers"] for entry in manifest["sizes"]] == list(range(9, 17))
     assert json.loads((publisher / "verified.json").read_text())["ok"] is True
     measured = json.loads((publisher / "eval.json").read_text())["perplexity"]["sizes"]
     for row in measured:

@@ -1,5 +1,6 @@
 """`layersplice demo` and what it must show on the trained fixture pair: every
-interpolated size between student and teacher, perplexity falling with size,
+interpolated size between student and teacher (at least six of them), a real
+student-teacher gap, perplexity falling with size,
 the distilled interpolation beating naive layer dropping at every
 intermediate size, and a plot axis that grows with every size. The demo
 patches blocks in the --order kl order (bench/RESULTS.md, orders, compares it
@@ -44,7 +45,7 @@ def test_demo_finishes_in_two_minutes_and_says_where_everything_went(demo):
     with Image.open(summary["files"]["png"]) as image:
         assert image.format == "PNG" and image.size == (int(FIGURE_INCHES[0] * DPI), int(FIGURE_INCHES[1] * DPI))
     assert json.loads(Path(summary["files"]["json"]).read_text())["sizes"] == summary["sizes"]
-    assert summary["order"]["order"] == "kl" and sorted(summary["order"]["patch_order"]) == [0, 1, 2, 3, 4]
+    assert summary["order"]["order"] == "kl" and sorted(summary["order"]["patch_order"]) == list(range(9))  # the 9 student layers' blocks
     provenance = json.loads((Path(summary["checkpoints"][1]) / "layersplice.json").read_text())
     assert provenance["choice"]["patch_order"] == summary["order"]["patch_order"]
 
@@ -71,6 +72,16 @@ def test_the_plot_axis_grows_with_every_size_and_the_summary_states_gap_and_marg
     lines = "\n".join(summary["summary"])
     assert f"the student's is {student / teacher:.2f}x the teacher's" in lines
     assert f"smallest margin {margins[smallest]:+.3f} perplexity (at {smallest} layers)" in lines
+
+
+def test_the_fixture_family_has_many_sizes_a_real_gap_and_layers_that_matter(demo):
+    """The fixture's conditions (fixtures/make_tiny_pair.py): at least six intermediate sizes, a distilled
+    student at least 1.15x the teacher's perplexity, and naive dropping to the student's size at least 1.5x."""
+    sizes = demo[0]["sizes"]
+    teacher = sizes[-1]["perplexity"]
+    assert sum(s["role"] == "interpolated" for s in sizes) >= 6
+    assert sizes[0]["perplexity"] >= 1.15 * teacher
+    assert sizes[0]["naive_perplexity"] >= 1.5 * teacher
 
 
 def test_distillation_beats_naive_layer_dropping_at_every_intermediate_size(demo):

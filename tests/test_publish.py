@@ -80,7 +80,7 @@ def test_every_size_card_loads_with_the_hub_front_matter(family, hub_env):
 
 
 def test_card_command_rebuilds_the_same_weights(family, hub_env, tmp_path):
-    size = family / "tiny-6L"
+    size = family / "tiny-12L"
     card = ModelCard.load(size / "README.md")
     table = card.text.split("## Where every layer came from")[1].split("\n## ")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
@@ -91,9 +91,9 @@ def test_card_command_rebuilds_the_same_weights(family, hub_env, tmp_path):
     # pinned to the cached commits that were read (put_snapshot below: "a" * 40 and "b" * 40)
     assert {("--teacher-revision", "a" * 40), ("--student-revision", "b" * 40)} <= set(zip(arguments, arguments[1:]))
     _ok(hub_env, *arguments[1:], cwd=tmp_path)
-    assert load_file(tmp_path / "tiny-6L" / "model.safetensors").keys() == load_file(size / "model.safetensors").keys()
-    assert (tmp_path / "tiny-6L" / "model.safetensors").read_bytes() == (size / "model.safetensors").read_bytes()
-    assert (tmp_path / "tiny-6L" / "README.md").read_text() == (size / "README.md").read_text()
+    assert load_file(tmp_path / "tiny-12L" / "model.safetensors").keys() == load_file(size / "model.safetensors").keys()
+    assert (tmp_path / "tiny-12L" / "model.safetensors").read_bytes() == (size / "model.safetensors").read_bytes()
+    assert (tmp_path / "tiny-12L" / "README.md").read_text() == (size / "README.md").read_text()
 
 
 def test_local_paths_are_left_out_of_base_model_and_no_card_writes_none(tmp_path, hub_env):
@@ -111,7 +111,7 @@ def test_init_student_writes_a_card_and_one_json_document(tmp_path, hub_env):
     out = tmp_path / "student"
     result = _ok(hub_env, "init-student", "--teacher", TEACHER_ID, "--out", str(out), "--json")
     report = json.loads(result.stdout)
-    assert report["outputs"][0]["layers"] == 5  # 8 teacher layers, 1/2/2: kept 0,2,4,6,7 (METHOD.md §2)
+    assert report["outputs"][0]["layers"] == 9  # 16 teacher layers, 1/2/2: kept 0,2,4,…,14,15 (METHOD.md §2)
     assert {"README.md", "student_config.json"} <= set(report["outputs"][0]["files"])
     data = ModelCard.load(out / "README.md").data
     assert data.base_model == [TEACHER_ID] and data.license == "apache-2.0"
@@ -123,7 +123,7 @@ def test_build_and_verify_json_are_one_document_on_stdout(tmp_path, hub_env):
     result = _ok(hub_env, "build", "--teacher", TEACHER_ID, "--student", STUDENT_ID, "--keep", "2", "--out", str(out), "--json")
     report = json.loads(result.stdout)  # the whole of stdout parses: exactly one document
     [output] = report["outputs"]
-    assert output["layers"] == 6
+    assert output["layers"] == 14  # 2 of the 9 student blocks kept (order last): student 0, 1 + teacher 4-15
     on_disk = {p.name: p.stat().st_size for p in out.iterdir() if p.name != "layersplice.json"}
     assert {name: f["size"] for name, f in output["files"].items()} == on_disk
     verified = json.loads(_ok(hub_env, "verify", str(out), "--json").stdout)
@@ -167,14 +167,14 @@ def test_parts_copied_together_need_assembling_then_verify(tmp_path, hub_env):
 
 def test_a_part_never_replaces_a_different_size_without_force(tmp_path, hub_env):
     out = tmp_path / "family"
-    source = ["--teacher", TEACHER_ID, "--student", STUDENT_ID, "--all", "--name", "tiny", "--sizes", "6", "--out", str(out)]
+    source = ["--teacher", TEACHER_ID, "--student", STUDENT_ID, "--all", "--name", "tiny", "--sizes", "12", "--out", str(out)]
     _ok(hub_env, "build", *source)
-    before = (out / "tiny-6L" / "layersplice.json").read_bytes()
+    before = (out / "tiny-12L" / "layersplice.json").read_bytes()
     _ok(hub_env, "build", *source)  # the same size again: kept as it is
-    assert (out / "tiny-6L" / "layersplice.json").read_bytes() == before
+    assert (out / "tiny-12L" / "layersplice.json").read_bytes() == before
     refused = _run(hub_env, "build", *source, "--no-card")
     assert refused.returncode == 2 and "--force" in refused.stderr
-    assert (out / "tiny-6L" / "layersplice.json").read_bytes() == before
+    assert (out / "tiny-12L" / "layersplice.json").read_bytes() == before
     unknown = _run(hub_env, "build", *source[:-4], "--sizes", "99", "--out", str(out))
     assert unknown.returncode == 2 and "99" in unknown.stderr
 

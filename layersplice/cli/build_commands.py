@@ -68,7 +68,7 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
       layersplice build --recipe recipes/llama3.yaml --keep 12
       layersplice build --teacher ./teacher --student ./student --keep 4 --out ./mid
       layersplice build --recipe recipes/tiny.yaml --all --out sizes/
-      layersplice build --recipe recipes/tiny.yaml --all --sizes 5,6 --out sizes/   (one part of a family)
+      layersplice build --recipe recipes/tiny.yaml --all --sizes 9,10,11,12 --out sizes/   (one part of a family)
       layersplice build --recipe recipes/tiny.yaml --keep 2 --out tiny-mid --json
       layersplice build --recipe recipes/qwen3.yaml --params 3B --out qwen3-3b
       layersplice build --recipe recipes/tiny.yaml --order kl --calib held-out.txt --keep 2 --out tiny-kl
@@ -213,8 +213,8 @@ def assemble_command(out: Path, as_json: bool) -> None:
 
     \b
     Example:
-      layersplice build --recipe recipes/tiny.yaml --all --sizes 5,6 --out part-a
-      layersplice build --recipe recipes/tiny.yaml --all --sizes 7,8 --out part-b
+      layersplice build --recipe recipes/tiny.yaml --all --sizes 9,10,11,12 --out part-a
+      layersplice build --recipe recipes/tiny.yaml --all --sizes 13,14,15,16 --out part-b
       cp -r part-a/. family/ && cp -r part-b/. family/
       layersplice assemble family && layersplice verify family
     """

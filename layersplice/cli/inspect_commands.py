@@ -99,10 +99,10 @@ def verify(path: Path, against_sources: bool, allow_extra: tuple[str, ...], as_j
 
     \b
     Examples:
-      layersplice verify out/tiny-5L
+      layersplice verify out/tiny-12L
       layersplice verify sizes/ --against-sources
       layersplice verify sizes/ --json
-      layersplice verify out/tiny-5L --allow-extra NOTES.md
+      layersplice verify out/tiny-12L --allow-extra NOTES.md
       layersplice verify sizes/ --allow-extra NOTES.md --allow-extra tiny-4L/NOTES.md
     """
     try:
