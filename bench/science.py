@@ -14,7 +14,7 @@ every size of the 1/2/2 family of fixtures/tiny-teacher:
   (order last): no cosine term (--cos-weight 0), and a randomly initialised
   student of the same shape.
 
-    python bench/science.py [--out bench/science.png]     # about 5 minutes on 1 thread
+    python bench/science.py [--out bench/science.png]     # about 15 minutes on 1 thread
     python bench/science.py --quick --out /tmp/s.png       # about a minute: a smoke test
 
 --quick distills 2 steps on the first 60 training documents, calibrates the
