@@ -75,12 +75,19 @@ def _temporaries(parent: Path) -> list[Path]:
     return [p for p in parent.iterdir() if ".layersplice-" in p.name]
 
 
+def _interruptible() -> None:
+    """SIGINT at its default, as for a command typed at a terminal. A test run started in the
+    background of a non-interactive shell (`cmd &`) inherits SIGINT ignored, and so would the
+    build, which then rightly stays ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stopped_mid_write(parent: Path, pair: tuple[Path, Path], out: Path, attempts: int = 5):
     """(a build stopped with SIGSTOP while its temporary holds data, that temporary). On a fast disk
     the build can finish between the moment its temporary is seen and the stop; then its output
     is removed and the build started again."""
     for _ in range(attempts):
-        proc = _start(*pair, out, "--keep", "1", "--dtype", "bf16")
+        proc = _start(*pair, out, "--keep", "1", "--dtype", "bf16", preexec_fn=_interruptible)
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
             found = [p for p in _temporaries(parent) if p.is_dir() and any(p.iterdir())]
