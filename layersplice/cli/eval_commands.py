@@ -159,7 +159,7 @@ def tasks_run(sources: Sources, request, meta: dict, out: Path, tasks: list[str]
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo"), show_default=True, help="Where every output goes (replaced if it is an earlier demo).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def demo(out: Path, as_json: bool) -> None:
-    """The whole job on the embedded tiny pair, offline, in about a minute.
+    """The whole job on the embedded tiny pair, offline, in under two minutes.
 
     Plans the family of recipes/tiny.yaml, builds every size, measures each
     one's perplexity on held-out text next to the naive layer-dropping
