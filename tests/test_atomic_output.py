@@ -8,7 +8,6 @@ import json
 import os
 import random
 import resource
-import shutil
 import signal
 import struct
 import subprocess
@@ -78,41 +77,27 @@ def _temporaries(parent: Path) -> list[Path]:
 def _interruptible() -> None:
     """SIGINT at its default, as for a command typed at a terminal. A test run started in the
     background of a non-interactive shell (`cmd &`) inherits SIGINT ignored, and so would the
-    build, which then rightly stays ignoring it."""
+    build, which then rightly keeps ignoring it."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _stopped_mid_write(parent: Path, pair: tuple[Path, Path], out: Path, attempts: int = 5):
-    """(a build stopped with SIGSTOP while its temporary holds data, that temporary). On a fast disk
-    the build can finish between the moment its temporary is seen and the stop; then its output
-    is removed and the build started again."""
-    for _ in range(attempts):
-        proc = _start(*pair, out, "--keep", "1", "--dtype", "bf16", preexec_fn=_interruptible)
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            found = [p for p in _temporaries(parent) if p.is_dir() and any(p.iterdir())]
-            if found:
-                proc.send_signal(signal.SIGSTOP)
-                if proc.poll() is None:  # stopped before it finished: the signal under test lands mid-write
-                    return proc, found[0]
-                break
-            time.sleep(0.001)
-        else:
-            if proc.poll() is None:
-                proc.kill()
-                raise AssertionError("the build never started writing")
-        _, stderr = proc.communicate()
-        assert proc.returncode == 0, stderr
-        shutil.rmtree(out)
-    raise AssertionError(f"the build finished before it could be stopped, {attempts} times")
+def _wait_for_temporary(parent: Path, proc: subprocess.Popen, timeout: float = 60) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [p for p in _temporaries(parent) if p.is_dir() and any(p.iterdir())]
+        if found:
+            return found[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.001)
+    raise AssertionError("the build never started writing")
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_clean_up(tmp_path, big_pair, sig, code):
     out = tmp_path / "out"
-    proc, _ = _stopped_mid_write(tmp_path, big_pair, out)
-    proc.send_signal(sig)  # pending while stopped, handled as soon as it continues
-    proc.send_signal(signal.SIGCONT)
+    proc = _start(*big_pair, out, "--keep", "1", "--dtype", "bf16", preexec_fn=_interruptible)
+    _wait_for_temporary(tmp_path, proc)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
     assert "Traceback" not in stderr
@@ -121,7 +106,8 @@ def test_sigterm_and_sigint_clean_up(tmp_path, big_pair, sig, code):
 
 def test_sigkill_leaves_no_target_and_the_next_run_removes_the_temporary(tmp_path, big_pair):
     out = tmp_path / "out"
-    proc, temporary = _stopped_mid_write(tmp_path, big_pair, out)
+    proc = _start(*big_pair, out, "--keep", "1", "--dtype", "bf16")
+    temporary = _wait_for_temporary(tmp_path, proc)
     proc.kill()
     proc.wait()
     assert not out.exists()
