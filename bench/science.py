@@ -25,7 +25,6 @@ runs, and its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import shutil
@@ -45,20 +44,14 @@ from layersplice.evaluation.stdlib_text import CALIBRATION_MODULES, HELD_OUT_MOD
 from layersplice.planning.job import Job, open_job
 from layersplice.planning.sizes import family_sizes
 
+from fixture_script import make_tiny_pair
+
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 SEQ_LEN = 128
 TOKENS = 16_384
 QUICK_DOCUMENTS = 60  # --quick distills on these first documents only: enough for its held-out split
 QUICK_CALIBRATION_TOKENS = 256  # --quick: the KL order's 15 candidates on one window each
 STUDENT_FILES = ("student_config.json", "tokenizer.json", "tokenizer_config.json")
-
-
-def _recipe():
-    """fixtures/make_tiny_pair.py, whose text, alignment and distill settings every student here shares."""
-    spec = importlib.util.spec_from_file_location("make_tiny_pair", FIXTURES / "make_tiny_pair.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def kept_layers(job: Job, layers: int) -> list[int]:
@@ -116,7 +109,7 @@ def train_students(recipe, teacher: Path, job: Job, work: Path, steps: int | Non
 
 def measure(args, work: Path) -> tuple[dict[str, list[SizeResult]], dict[int, float], dict]:
     """({curve name: every size's result}, {layers: a direct student's perplexity}, what the run used)."""
-    recipe = _recipe()
+    recipe = make_tiny_pair()
     teacher, student = FIXTURES / "tiny-teacher", FIXTURES / "tiny-student"
     job = open_job(str(teacher), str(student), [])
     held_out = write_documents(work / "held-out.jsonl", HELD_OUT_MODULES)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import json
 import random
 import subprocess
@@ -41,6 +40,8 @@ from layersplice.distill.data import load_data
 from layersplice.evaluation.perplexity import EvalRequest, evaluate_family
 from layersplice.evaluation.stdlib_text import HELD_OUT_MODULES, write_documents
 from layersplice.planning.job import open_job
+
+from fixture_script import make_tiny_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -108,18 +109,10 @@ def fine_tune(base: Path, data_file: Path, out: Path, steps: int, lr: float) -> 
     spec = DataSpec(files=(data_file,), seq_len=SEQ_LEN, val_tokens=SEQ_LEN, shuffle_window=4096, seed=SEED)
     data = load_data(spec, tokenizer, len(tokenizer))
     model.train()
-    _fixture_script().train_next_token(model, data, steps, batch_size=8, lr=lr, warmup=10, label="fine-tune",
+    make_tiny_pair().train_next_token(model, data, steps, batch_size=8, lr=lr, warmup=10, label="fine-tune",
                                        report_every=100)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-def _fixture_script():
-    """fixtures/make_tiny_pair.py, whose next-token training loop the fine-tune shares."""
-    spec = importlib.util.spec_from_file_location("make_tiny_pair", FIXTURES / "make_tiny_pair.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def layersplice(*args: str) -> str:
