@@ -38,16 +38,16 @@ def _options(command: click.Command) -> list[click.Option]:
 
 
 def _kind(option: click.Option) -> Any:
-    """The YAML value an option takes (None, in every field, leaves the option at its default)."""
+    """The YAML value an option takes (an option the file leaves out keeps its default)."""
     if option.is_flag:
-        return bool | None
+        return bool
     if option.multiple:  # a list, or one value for a list of one
-        return list[str] | str | None
+        return list[str] | str
     if isinstance(option.type, click.Choice):
-        return Literal[tuple(option.type.choices)] | None
+        return Literal[tuple(option.type.choices)]
     if isinstance(option.type, click.Path):
-        return str | None
-    return TYPES[option.type] | None
+        return str
+    return TYPES[option.type]
 
 
 def file_schema(command: click.Command) -> type:
@@ -64,8 +64,11 @@ def read_config_file(ctx: click.Context, _param: click.Parameter, path: Path | N
     shape = "a --config file is a YAML mapping of option names to values, such as seq_len: 2048"
     loaded = schema.load_yaml(file_schema(ctx.command), text, path, DistillError, "config", shape,
                               hint=lambda exc: _suggestion(exc, ctx.command))
-    names = {key_of(o): o.name for o in _options(ctx.command)}
-    given = {names[k]: v for k, v in dataclasses.asdict(loaded).items() if v is not None}
+    given = {}
+    for option in _options(ctx.command):
+        value = getattr(loaded, key_of(option))
+        if value is not None:
+            given[option.name] = [value] if option.multiple and isinstance(value, str) else value
     ctx.default_map = {**(ctx.default_map or {}), **given}
     return path
 

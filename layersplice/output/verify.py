@@ -122,7 +122,7 @@ def _check_distilled(directory: Path, provenance: dict, n_layers: int) -> None:
     copied = read_student_config(directory)
     if copied is None or list(copied) != recorded:
         raise VerifyError(
-            f"{directory / STUDENT_CONFIG_NAME}: gives copied teacher layers {copied}, "
+            f"{directory / STUDENT_CONFIG_NAME}: gives copied teacher layers {copied and list(copied)}, "
             f"but {PROVENANCE_FILE} records {recorded}"
         )
     if len(copied) != n_layers:
