@@ -194,7 +194,7 @@ def _run(config: DistillConfig, world: World) -> dict | None:
     export_student(config, models.student, models.stored_dtype, world)
     if not world.is_main:
         return None
-    written = seal_student(config)
+    written = seal_student(config, models.alignment)
     notice(f"wrote {config.out}: the distilled student, sealed; `layersplice verify {config.out}` checks it",
            enabled=True)
     return written

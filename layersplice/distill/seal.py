@@ -17,9 +17,8 @@ import shutil
 from pathlib import Path
 
 from layersplice import __version__
-from layersplice.architectures.layout import layout_of
 from layersplice.checkpoint.atomic import is_working_file
-from layersplice.checkpoint.sealed_json import replace_sealed
+from layersplice.checkpoint.sealed_json import read_sealed, replace_sealed
 from layersplice.checkpoint.source import Checkpoint, open_checkpoint
 from layersplice.distill.checkpoints import CHECKPOINT_DIR
 from layersplice.distill.config import DataSpec, DistillConfig
@@ -27,7 +26,7 @@ from layersplice.distill.progress import METRICS_NAME
 from layersplice.errors import OutputError
 from layersplice.output.card import CARD_FILE, DistilledFacts, distilled_card, source_arguments
 from layersplice.output.family import DISTILLED, PROVENANCE_FILE, file_record
-from layersplice.planning.alignment import STUDENT_CONFIG_NAME, Alignment, read_student_config
+from layersplice.planning.alignment import STUDENT_CONFIG_NAME, Alignment
 from layersplice.units import format_params
 
 # Options that name the models or the output, or change nothing in the result:
@@ -37,20 +36,20 @@ NOT_IN_THE_COMMAND = {"teacher", "student", "teacher_revision", "student_revisio
 
 
 def refuse_a_finished_run(config: DistillConfig) -> None:
-    """A sealed --out is a finished run: nothing to resume, and no place for another run."""
-    if (config.out / PROVENANCE_FILE).is_file():
+    """An --out that holds a sealed distill record is a finished run: nothing to resume, no place for another."""
+    record, problem = read_sealed(config.out / PROVENANCE_FILE)
+    if problem is None and record.get("kind") == DISTILLED:
         raise OutputError(
             f"--out {config.out} holds a finished run (its student is sealed in {PROVENANCE_FILE}); "
             "choose a new --out, and give this one as --student to train it further"
         )
 
 
-def seal_student(config: DistillConfig) -> dict:
+def seal_student(config: DistillConfig, alignment: Alignment) -> dict:
     """Write the card and the sealed record, drop the resume checkpoints; what --json prints."""
     out = config.out
     teacher, student = _named(config, "teacher"), _named(config, "student")
     output = open_checkpoint(out)
-    alignment = Alignment(read_student_config(out), layout_of(teacher).n_layers)
     params = sum(t.numel for t in output.tensors.values())
     final = _final_metrics(out / METRICS_NAME)
     command = _command(config, teacher, student)
