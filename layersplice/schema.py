@@ -15,10 +15,12 @@ tuple[T, ...], list[T], dict[K, V] and nested dataclasses.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from functools import cache
-from typing import Any, Literal, TypeVar, Union
+from pathlib import Path
+from typing import Any, Callable, Literal, TypeVar, Union
 
 import yaml
 
@@ -69,6 +71,49 @@ def parse_yaml(text: str) -> tuple[yaml.Node | None, object]:
         return node, None if node is None else loader.construct_document(node)
     finally:
         loader.dispose()
+
+
+def line_of(node: yaml.Node | None, loc: Location) -> int:
+    """1-based line of the YAML node at a schema error's location."""
+    line = node.start_mark.line + 1 if node is not None else 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def load_yaml(cls: type[T], text: str, path: Path, error: type[Exception], what: str, shape: str,
+              hint: Callable[[SchemaError], str] | None = None) -> T:
+    """`text`, the YAML file at `path`, checked and converted into `cls`.
+
+    Every problem raises `error` as one line that names path:line: anchors,
+    bad YAML, a top level that is not a mapping (`shape` says what it must
+    be), and schema errors (at the key's path, or `what` for the whole file,
+    followed by what `hint` adds)."""
+    try:
+        root, data = parse_yaml(text)
+    except YamlRefused as exc:
+        raise error(f"{path}:{exc.line}: {exc.message}") from None
+    except yaml.YAMLError as exc:
+        line, problem = yaml_problem(exc)
+        raise error(f"{path}{f':{line}' if line else ''}: not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: {shape}")
+    try:
+        return load(cls, data)
+    except SchemaError as exc:
+        field_name = ".".join(str(p) for p in exc.path) or what
+        more = hint(exc) if hint else ""
+        raise error(f"{path}:{line_of(root, exc.path)}: {field_name}: {exc.message}{more}") from None
 
 
 class SchemaError(ValueError):
@@ -143,6 +188,9 @@ def _union(options: tuple, value: object, path: Location) -> Any:
 
 
 SCALARS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
+# PyYAML reads YAML 1.1, where 3e-4 (no dot) is a string; YAML 1.2 and every
+# config a user copies from (TRL, torchtune) mean the number.
+EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _scalar(kind: Any, value: object, path: Location) -> Any:
@@ -151,6 +199,8 @@ def _scalar(kind: Any, value: object, path: Location) -> Any:
     if kind not in SCALARS:
         raise TypeError(f"schema type {kind!r} is not supported")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value):
         return float(value)
     # bool is an int in Python, never in a schema.
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):

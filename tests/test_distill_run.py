@@ -77,26 +77,32 @@ def test_short_cpu_run_lowers_validation_loss_and_writes_a_loadable_student(pair
     assert torch.isfinite(model(ids).logits).all()
 
 
+class Killed(Exception):
+    pass
+
+
+def killed_after_checkpoint(monkeypatch, step: int, argv: list[str]) -> None:
+    """Run `argv` and stop it right after its checkpoint at `step`, as a killed run stops."""
+    save = loop.save_checkpoint
+
+    def save_then_die(config, at, *rest):
+        save(config, at, *rest)
+        if at == step:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "save_checkpoint", save_then_die)
+        with pytest.raises(Killed):
+            run(argv)
+
+
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(pair, tmp_path, monkeypatch):
     common = ("--steps", "6", "--save-every", "2", "--eval-every", "3")
     whole = tmp_path / "whole"
     run(args(pair, whole, *common))
 
-    save = loop.save_checkpoint
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(config, step, *rest):
-        save(config, step, *rest)
-        if step == 4:
-            raise Killed
-
     interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        run(args(pair, interrupted, *common))
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    killed_after_checkpoint(monkeypatch, 4, args(pair, interrupted, *common))
     run(args(pair, interrupted, *common, "--resume"))
 
     def without_timing(records):
@@ -213,11 +219,12 @@ def test_user_errors_say_what_to_change(pair, tmp_path):
         run(args(pair, out, "--resume"))
 
 
-def test_resume_refuses_other_settings(pair, tmp_path):
+def test_resume_refuses_other_settings(pair, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    run(args(pair, out, "--steps", "1", "--save-every", "1", "--eval-every", "0"))
+    common = ("--steps", "2", "--save-every", "1", "--eval-every", "0")
+    killed_after_checkpoint(monkeypatch, 1, args(pair, out, *common))
     with pytest.raises(DistillError, match=r"holds a run with other settings \(lr\)"):
-        run(args(pair, out, "--steps", "1", "--save-every", "1", "--eval-every", "0", "--lr", "1e-3", "--resume"))
+        run(args(pair, out, *common, "--lr", "1e-3", "--resume"))
 
 
 def test_module_entry_point_prints_user_errors_as_one_line(pair, tmp_path):

@@ -6,15 +6,18 @@ Runnable as a module so that torchrun can start it directly:
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 import click
 
+from layersplice.checkpoint.source import resolve_directory
 from layersplice.distill.config import DEFAULT_VAL_TOKENS, DataSpec, DistillConfig
 from layersplice.distill.losses import LossWeights
-from layersplice.errors import LayerspliceError
+from layersplice.distill.run_file import read_config_file, run_settings
+from layersplice.errors import CheckpointError, LayerspliceError
 
 
 def _default(cls, name: str):
@@ -25,22 +28,33 @@ _dir = click.Path(file_okay=False, path_type=Path)
 
 
 @click.command("distill")
-@click.option("--teacher", type=_dir, required=True, help="Teacher model directory (safetensors).")
-@click.option("--student", type=_dir, required=True,
-              help="Student directory from init-student, with student_config.json.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), is_eager=True,
+              callback=read_config_file,
+              help="YAML file of this command's options, keyed by option name with - as _ (seq_len: 2048, "
+                   "data: [a.jsonl]); options given on the command line override it.")
+@click.option("--teacher", required=True, help="Teacher: local directory or Hugging Face repo id.")
+@click.option("--student", required=True,
+              help="Initial student from init-student (with student_config.json): local directory or "
+                   "Hugging Face repo id.")
+@click.option("--teacher-revision", help="Hub revision (branch, tag or commit) of the teacher.")
+@click.option("--student-revision", help="Hub revision (branch, tag or commit) of the student.")
 @click.option("--out", type=_dir, required=True,
-              help="Output: the distilled student, metrics.jsonl and checkpoints/.")
+              help="Directory for the distilled student (with its model card and sealed layersplice.json, "
+                   "so `layersplice verify` checks it) and metrics.jsonl; checkpoints/ while unfinished.")
 @click.option("--data", "files", multiple=True, type=click.Path(path_type=Path),
               help="Text: .txt (one document a file), .jsonl, .parquet, a directory of them, "
                    "or a saved datasets directory. Repeatable.")
 @click.option("--dataset", help="A dataset streamed by datasets.load_dataset: hub name or local folder.")
 @click.option("--dataset-config", help="The dataset's configuration name, if it has several.")
-@click.option("--split", default=_default(DataSpec, "split"), show_default=True)
+@click.option("--split", default=_default(DataSpec, "split"), show_default=True,
+              help="The split of --dataset to train on (validation is held out of it).")
 @click.option("--text-field", default=_default(DataSpec, "text_field"), show_default=True,
               help="Field or column that holds the text.")
 @click.option("--synthetic-data", is_flag=True,
               help="Random tokens instead of text (benchmarks; needs no tokenizer).")
-@click.option("--seq-len", type=int, default=_default(DataSpec, "seq_len"), show_default=True)
+@click.option("--seq-len", type=int, default=_default(DataSpec, "seq_len"), show_default=True,
+              help="Tokens per training sequence: documents are packed into blocks of this length "
+                   "(at most the models' context).")
 @click.option("--val-tokens", type=int,
               help="Hold out the first documents, up to this many tokens, for validation "
                    f"[default: {DEFAULT_VAL_TOKENS}].")
@@ -48,28 +62,38 @@ _dir = click.Path(file_okay=False, path_type=Path)
               help="Hold out this fraction of the documents instead (local data only).")
 @click.option("--shuffle-window", type=int, default=_default(DataSpec, "shuffle_window"),
               show_default=True, help="Training blocks are shuffled within windows of this many.")
-@click.option("--seed", type=int, default=_default(DataSpec, "seed"), show_default=True)
+@click.option("--seed", type=int, default=_default(DataSpec, "seed"), show_default=True,
+              help="Seed of the data shuffle and of every random number generator of the run.")
 @click.option("--steps", type=int, default=_default(DistillConfig, "steps"), show_default=True,
               help="Optimizer steps.")
 @click.option("--batch-size", type=int, default=_default(DistillConfig, "batch_size"),
               show_default=True, help="Global batch: sequences per optimizer step, all processes together.")
 @click.option("--micro-batch-size", type=int, default=_default(DistillConfig, "micro_batch_size"),
               show_default=True, help="Sequences per forward pass on each process.")
-@click.option("--lr", type=float, default=_default(DistillConfig, "lr"), show_default=True)
+@click.option("--lr", type=float, default=_default(DistillConfig, "lr"), show_default=True,
+              help="Peak learning rate of AdamW (betas 0.9, 0.95), reached after --warmup, then cosine decay to 0.")
 @click.option("--warmup", type=float, default=_default(DistillConfig, "warmup"), show_default=True,
               help="Warmup as a fraction of the steps.")
 @click.option("--weight-decay", type=float, default=_default(DistillConfig, "weight_decay"),
-              show_default=True)
-@click.option("--grad-clip", type=float, default=_default(DistillConfig, "grad_clip"), show_default=True)
-@click.option("--kl-weight", type=float, default=LossWeights.kl, show_default=True)
-@click.option("--temperature", type=float, default=LossWeights.temperature, show_default=True)
-@click.option("--cos-weight", type=float, default=LossWeights.cos, show_default=True)
+              show_default=True, help="AdamW weight decay (not applied to biases and norm weights).")
+@click.option("--grad-clip", type=float, default=_default(DistillConfig, "grad_clip"), show_default=True,
+              help="Clip the gradients' global norm to this.")
+@click.option("--kl-weight", type=float, default=LossWeights.kl, show_default=True,
+              help="Weight of the KL term, KL(teacher || student) on the logits.")
+@click.option("--temperature", type=float, default=LossWeights.temperature, show_default=True,
+              help="Softmax temperature T of the KL term (the term is scaled by T^2).")
+@click.option("--cos-weight", type=float, default=LossWeights.cos, show_default=True,
+              help="Weight of the cosine term on the hidden states at block ends.")
 @click.option("--eval-every", type=int, default=_default(DistillConfig, "eval_every"),
               show_default=True, help="Validate every N steps (and at the start and end); 0: never.")
 @click.option("--save-every", type=int, default=_default(DistillConfig, "save_every"),
               show_default=True, help="Write a resume checkpoint every N steps; 0: never.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--keep-checkpoints", is_flag=True,
+              help="Keep checkpoints/ (fp32 weights and optimizer state) once the run is done; by default a "
+                   "finished run removes it, leaving --out as the sealed student and nothing else.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto (the GPU if there is one), cpu or cuda (under torchrun: each process's own GPU).")
 @click.option("--loss-chunk-tokens", type=int,
               help="CE and KL are computed from the final hidden states and the heads, this many "
                    "tokens at a time, so the full [tokens x vocabulary] logits never exist. "
@@ -87,9 +111,13 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.option("--peak-tflops", type=float,
               help="The device's peak TFLOP/s, for MFU on the progress line and in metrics.jsonl "
                    "[default: known for common GPUs (bf16 dense); none on CPU].")
-def distill_command(teacher, student, out, files, dataset, dataset_config, split, text_field,
-                    synthetic_data, seq_len, val_tokens, val_fraction, shuffle_window, seed,
-                    kl_weight, temperature, cos_weight, compile_layers, **training) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document on stdout (paths, layers, parameters, bytes, checksums); "
+                   "messages go to stderr.")
+def distill_command(config, teacher, student, teacher_revision, student_revision, out, files, dataset,
+                    dataset_config, split, text_field, synthetic_data, seq_len, val_tokens, val_fraction,
+                    shuffle_window, seed, kl_weight, temperature, cos_weight, compile_layers, as_json,
+                    **training) -> None:
     """Distill a student from its teacher (CE + KL + hidden-state cosine).
 
     The same command under torchrun with several processes shards the student
@@ -97,22 +125,40 @@ def distill_command(teacher, student, out, files, dataset, dataset_config, split
     (--shard-teacher shards it too); the global batch, and so the result, does
     not depend on the number of processes.
 
+    --out becomes a publishable student, like the outputs of build: a model
+    card and a sealed layersplice.json that records the sources, the data and
+    every setting, which `layersplice verify` checks.
+
     \b
     Examples:
       layersplice distill --teacher T --student S --data corpus/ --out run1
+      layersplice distill --config run.yaml --steps 100 --out run2   (the flag overrides the file)
       torchrun --nproc_per_node 8 -m layersplice.distill.command \\
-          --teacher T --student S --dataset NAME --out run1 --compile
+          --teacher Qwen/Qwen3-4B --student S --dataset NAME --out run1 --compile
     """
     from layersplice.distill.loop import distill
 
+    settings = run_settings(click.get_current_context())
     data = DataSpec(
         files=tuple(files), dataset=dataset, dataset_config=dataset_config, split=split,
         text_field=text_field, synthetic=synthetic_data, seq_len=seq_len, val_tokens=val_tokens,
         val_fraction=val_fraction, shuffle_window=shuffle_window, seed=seed,
     )
     loss = LossWeights(kl=kl_weight, temperature=temperature, cos=cos_weight)
-    distill(DistillConfig(teacher=teacher, student=student, out=out, data=data, loss=loss,
-                          compile=compile_layers, **training))
+    record = distill(DistillConfig(
+        teacher=_local("--teacher", teacher, teacher_revision), student=_local("--student", student, student_revision),
+        out=out, data=data, loss=loss, compile=compile_layers, settings=settings, **training,
+    ))
+    if as_json and record is not None:
+        click.echo(json.dumps(record, indent=2, sort_keys=True))
+
+
+def _local(flag: str, reference: str, revision: str | None) -> Path:
+    """The directory a model named by path or Hub id is read from, resolved as every command resolves it."""
+    try:
+        return resolve_directory(reference, revision)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{flag} {exc}") from None
 
 
 if __name__ == "__main__":

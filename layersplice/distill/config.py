@@ -64,6 +64,15 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class RunSettings:
+    """What the run was asked for, kept for its sealed record and its card."""
+
+    values: dict  # every option, named as in a --config file (seq_len for --seq-len), after merging
+    origins: dict  # option name -> "command line" or "config file", for each option not left at its default
+    config_file: str | None = None
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """One distill run. Defaults are the reference recipe (METHOD.md §3)."""
 
@@ -88,6 +97,8 @@ class DistillConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     peak_tflops: float | None = None
+    keep_checkpoints: bool = False
+    settings: RunSettings | None = None  # None: not started from the command line
 
     def __post_init__(self) -> None:
         positive = {
@@ -125,11 +136,13 @@ class DistillConfig:
 
         The process count, the micro-batch size and the ways of computing (loss
         chunks, sharding, compilation, checkpointing) are left out on purpose:
-        they change how the global batch is computed, not what it is.
+        they change how the global batch is computed, not what it is; so are
+        the models' paths (they may differ between machines) and what is kept.
         """
         identity = asdict(self)
         how = ("loss_chunk_tokens", "shard_teacher", "compile", "activation_checkpointing", "peak_tflops")
-        for key in ("teacher", "student", "out", "resume", "device", "micro_batch_size", *how):
+        kept = ("keep_checkpoints", "settings")
+        for key in ("teacher", "student", "out", "resume", "device", "micro_batch_size", *how, *kept):
             identity.pop(key)
         identity["data"]["files"] = [str(p) for p in self.data.files]
         return identity

@@ -32,6 +32,7 @@ from layersplice.distill.losses import (
 from layersplice.distill.models import Models, hidden_states_at, load_models
 from layersplice.distill.parallel import World
 from layersplice.distill.progress import RunLog, notice
+from layersplice.distill.seal import refuse_a_finished_run, seal_student
 from layersplice.distill.throughput import Speed, describe_run, flops_per_token, known_peak_tflops
 
 BETAS = (0.9, 0.95)
@@ -146,17 +147,20 @@ def evaluate(models: Models, data: DistillData, config: DistillConfig, world: Wo
     return {"val_loss": weighted_total(ce, kl, cos, config.loss), "val_ce": ce, "val_kl": kl, "val_cos": cos}
 
 
-def distill(config: DistillConfig) -> None:
-    """Run the whole distillation and write the student to config.out."""
+def distill(config: DistillConfig) -> dict | None:
+    """Run the whole distillation and write the student to config.out, sealed.
+
+    Returns what was written (for --json) on rank 0, None on the other ranks."""
     world = parallel.start_world(config.device)
     try:
-        _run(config, world)
+        return _run(config, world)
     finally:
         parallel.stop_world(world)
 
 
-def _run(config: DistillConfig, world: World) -> None:
+def _run(config: DistillConfig, world: World) -> dict | None:
     config.accumulation_steps(world.size)  # refuses a global batch the processes cannot share
+    parallel.decided_on_main(lambda: refuse_a_finished_run(config), world)
     parallel.decided_on_main(lambda: check_out(config), world)
     torch.manual_seed(config.data.seed + world.rank)
     models = load_models(config, world)
@@ -188,6 +192,12 @@ def _run(config: DistillConfig, world: World) -> None:
                 save_checkpoint(config, step, models.student, optimizer, scheduler,
                                 data.train.state_dict(), world)
     export_student(config, models.student, models.stored_dtype, world)
+    if not world.is_main:
+        return None
+    written = seal_student(config, models.alignment)
+    notice(f"wrote {config.out}: the distilled student, sealed; `layersplice verify {config.out}` checks it",
+           enabled=True)
+    return written
 
 
 def _speed(models: Models, config: DistillConfig, world: World) -> Speed:

@@ -36,8 +36,7 @@ class Models:
 def _check_model_dir(path: Path, flag: str) -> None:
     if not (path / "config.json").is_file():
         raise CheckpointError(
-            f"{flag} {path}: no config.json; give a local transformers model directory "
-            "(download one with `hf download NAME --local-dir DIR`)"
+            f"{flag} {path}: no config.json; give a transformers model directory or a Hugging Face repo id"
         )
     if not any(path.glob("*.safetensors")):
         raise CheckpointError(f"{flag} {path}: no .safetensors weights; save the model with safetensors")

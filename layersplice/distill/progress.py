@@ -1,8 +1,16 @@
-"""Rank 0's account of a run: a rich progress bar and --out/metrics.jsonl."""
+"""Rank 0's account of a run: progress on stderr and --out/metrics.jsonl.
+
+On a terminal the progress is a rich bar, redrawn in place. Anywhere else (a
+CI log, a file, a pipe) a bar cannot be redrawn and would be cut to the
+console's width, so the progress is whole lines instead: one every
+1/LINES of the run, and the first and the last step.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -16,6 +24,7 @@ from rich.progress import (
 )
 
 METRICS_NAME = "metrics.jsonl"
+LINES = 50  # progress lines of a whole run when stderr is not a terminal
 
 
 def notice(message: str, enabled: bool) -> None:
@@ -24,12 +33,22 @@ def notice(message: str, enabled: bool) -> None:
         Console(stderr=True, highlight=False).print(message, markup=False, soft_wrap=True)
 
 
+def _clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
 class RunLog:
-    """One JSON line per optimizer step (and per evaluation), mirrored on a progress bar."""
+    """One JSON line per optimizer step (and per evaluation), mirrored on a progress bar or in lines."""
 
     def __init__(self, out: Path, steps: int, start_step: int, enabled: bool) -> None:
         self.enabled = enabled
         self.path = out / METRICS_NAME
+        self.steps = steps
+        self.start_step = start_step
+        self.console = Console(stderr=True, highlight=False)
+        self.bar = self.console.is_interactive
+        self.every = max(1, steps // LINES)
+        self.started = time.perf_counter()
         self.progress = Progress(
             TextColumn("distill"),
             BarColumn(),
@@ -38,7 +57,8 @@ class RunLog:
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
-            disable=not enabled,
+            console=self.console,
+            disable=not (enabled and self.bar),
             # Redrawn once a step from the loop: a refresh thread would compete
             # with the compute threads for the cores.
             auto_refresh=False,
@@ -75,8 +95,21 @@ class RunLog:
             )
             if "mfu" in values:
                 terms += f" MFU {values['mfu']:.1%}"
-            self.progress.update(self.task, completed=values["step"], terms=terms, refresh=True)
+            if self.bar:
+                self.progress.update(self.task, completed=values["step"], terms=terms, refresh=True)
+            else:
+                self._line(values["step"], terms)
         else:
-            self.progress.console.print(
-                f"step {values['step']}: val loss {values['val_loss']:.4f} ce {values['val_ce']:.4f}"
+            self.console.print(
+                f"step {values['step']}: val loss {values['val_loss']:.4f} ce {values['val_ce']:.4f}", soft_wrap=True
             )
+
+    def _line(self, step: int, terms: str) -> None:
+        """One whole progress line, for a stderr that is not a terminal."""
+        done = step - self.start_step
+        if not (done == 1 or step % self.every == 0 or step == self.steps):
+            return
+        elapsed = time.perf_counter() - self.started
+        remaining = elapsed / done * (self.steps - step)
+        self.console.print(f"distill step {step}/{self.steps} {terms} elapsed {_clock(elapsed)} "
+                           f"eta {_clock(remaining)}", markup=False, soft_wrap=True)

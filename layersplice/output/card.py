@@ -80,25 +80,31 @@ def teacher_license(teacher: Checkpoint) -> str | None:
 
 def render(facts: CardFacts, license_: str | None) -> str:
     """The card's text: YAML front matter, then the body."""
+    hub_ids = [c.reference for c in facts.base_models if is_hub_id(c)]
+    return _card(facts.config, hub_ids, "merge", license_, _body(facts))
+
+
+def _card(config: dict, hub_ids: list[str], relation: str, license_: str | None, body: str,
+          datasets: list[str] | None = None) -> str:
+    """Front matter the Hub reads, then `body`."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    pipeline_tag, _ = pipeline_of(facts.config)
-    hub_ids = [c.reference for c in facts.base_models if is_hub_id(c)]
+    pipeline_tag, _ = pipeline_of(config)
     data = ModelCardData(
         base_model=hub_ids or None,
+        datasets=datasets or None,
         library_name="transformers",
         license=license_,
         pipeline_tag=pipeline_tag,
         tags=list(TAGS),
         # The relation only means something next to base_model.
-        **({"base_model_relation": "merge"} if hub_ids else {}),
+        **({"base_model_relation": relation} if hub_ids else {}),
     )
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(facts)}"))
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
 def _body(facts: CardFacts) -> str:
     plan = facts.plan
-    _, auto = pipeline_of(facts.config)
     rows = "\n".join(
         f"| {layer.index} | {layer.model} | {layer.source_layer} | {layer.block} |" for layer in plan.layers
     )
@@ -122,15 +128,21 @@ def _body(facts: CardFacts) -> str:
 {shlex.join(facts.command)}
 ```
 
-`layersplice verify {shlex.quote(facts.name)}` re-checks every file against the sealed `layersplice.json`.
+{_usage(facts.name, facts.config)}"""
+
+
+def _usage(name: str, config: dict) -> str:
+    """The end of every card: how to check the files and how to load the model."""
+    _, auto = pipeline_of(config)
+    return f"""`layersplice verify {shlex.quote(name)}` re-checks every file against the sealed `layersplice.json`.
 
 ## Use it
 
 ```python
 from transformers import {auto}, AutoTokenizer
 
-model = {auto}.from_pretrained("{facts.name}")
-tokenizer = AutoTokenizer.from_pretrained("{facts.name}")
+model = {auto}.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
 ```
 """
 
@@ -200,3 +212,61 @@ def student_init_card(teacher: Checkpoint, alignment: Alignment, plan: Plan, con
     ]
     facts = CardFacts(name, student_init_what(teacher, alignment.copied), (teacher,), plan, config, command)
     return render(facts, teacher_license(teacher))
+
+
+@dataclass(frozen=True)
+class DistilledFacts:
+    """What the card of a distilled student says, gathered by distill after the run."""
+
+    name: str  # the output directory's name
+    teacher: Checkpoint
+    student: Checkpoint  # the initial student it was trained from
+    alignment: Alignment
+    config: dict
+    params: int
+    command: list[str] | None  # the distill command of the run; None: run through the Python API
+    facts: tuple[str, ...]  # one line each: the data, the training, the final losses
+    datasets: tuple[str, ...] = ()  # Hub dataset ids it was trained on
+
+
+def distilled_card(facts: DistilledFacts) -> str:
+    """The card of a distilled student: the teacher as base model, what it was trained on, how to build sizes.
+
+    The Hub's relations are adapter, merge, quantized and finetune (no
+    distillation): the student's weights are the teacher's own layers,
+    trained further, which is a finetune of the teacher."""
+    alignment = facts.alignment
+    teacher = source_arguments(facts.teacher, "--teacher", "--teacher-revision")
+    pair = shlex.join([*teacher, "--student", facts.name])
+    lines = "\n".join(f"- {line}" for line in facts.facts)
+    how = (f"```bash\n{shlex.join(facts.command)}\n```" if facts.command
+           else "Through the Python API (`layersplice.distill.loop.distill`), not the command line.")
+    body = f"""# {facts.name}
+
+The student of `{facts.teacher.reference}` ({alignment.n_teacher} layers) trained by
+[boomerang distillation]({PAPER}) from the initial student `{facts.student.reference}` (teacher layers
+{','.join(map(str, alignment.copied))}, copied by `layersplice init-student`), with cross-entropy, KL to
+the teacher's logits and the cosine between its hidden states and the teacher's at the end of each
+block. Every size between it and the teacher can be built from the pair with no further training.
+
+- Layers: {alignment.n_student}
+- Parameters: {format_params(facts.params)} ({facts.params:,})
+{lines}
+
+## Build sizes from it
+
+```bash
+layersplice plan {pair}
+layersplice build {pair} --all --out {shlex.quote(facts.name + '-sizes')}
+```
+
+## How it was trained
+
+{how}
+
+Every setting of the run, and the sources it read, are in the sealed `layersplice.json`; the loss at
+every step is in `metrics.jsonl`.
+
+{_usage(facts.name, facts.config)}"""
+    hub_ids = [facts.teacher.reference] if is_hub_id(facts.teacher) else []
+    return _card(facts.config, hub_ids, "finetune", teacher_license(facts.teacher), body, list(facts.datasets))

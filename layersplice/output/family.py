@@ -23,6 +23,7 @@ from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.checkpoint.sealed_json import read_sealed, replace_sealed
 
 PROVENANCE_FILE = "layersplice.json"
+DISTILLED = "distill"  # the kind of layersplice.json that `distill` seals into its --out
 MANIFEST_FILE = "manifest.json"
 PARTS_DIR = "parts"
 

@@ -14,7 +14,8 @@ from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.checkpoint.sealed_json import read_sealed
 from layersplice.checkpoint.source import open_checkpoint
 from layersplice.errors import LayerspliceError
-from layersplice.output.family import MANIFEST_FILE, PARTS_DIR, PROVENANCE_FILE, assembly_problem
+from layersplice.output.family import DISTILLED, MANIFEST_FILE, PARTS_DIR, PROVENANCE_FILE, assembly_problem
+from layersplice.planning.alignment import STUDENT_CONFIG_NAME, read_student_config
 
 HASHERS: dict[str, Callable[[Path], str]] = {CHECKSUM: blake3_file}
 
@@ -115,6 +116,19 @@ def _recorded_digest(entry) -> tuple[str, str]:
     raise VerifyError(f"no known checksum recorded in {entry!r}")
 
 
+def _check_distilled(directory: Path, provenance: dict, n_layers: int) -> None:
+    """A distilled student's student_config.json is the alignment its record names, one teacher layer a layer."""
+    recorded = provenance["alignment"]["copied_teacher_layers"]
+    copied = read_student_config(directory)
+    if copied is None or list(copied) != recorded:
+        raise VerifyError(
+            f"{directory / STUDENT_CONFIG_NAME}: gives copied teacher layers {copied and list(copied)}, "
+            f"but {PROVENANCE_FILE} records {recorded}"
+        )
+    if len(copied) != n_layers:
+        raise VerifyError(f"{directory}: {PROVENANCE_FILE} records {len(copied)} layers but the weights hold {n_layers}")
+
+
 def check_model_dir(
     directory: Path, against_sources: bool = False, allowed: frozenset[str] = frozenset(), prefix: str = ""
 ) -> tuple[int, int]:
@@ -132,6 +146,8 @@ def check_model_dir(
         raise VerifyError(
             f"{directory}: {PROVENANCE_FILE} records {len(layers)} layers but the weights hold {layout.n_layers}"
         )
+    if provenance.get("kind") == DISTILLED:
+        _check_distilled(directory, provenance, layout.n_layers)
     if against_sources:
         from layersplice.output.verify_sources import check_against_sources
 

@@ -12,6 +12,7 @@ from layersplice.architectures.layout import layout_of
 from layersplice.checkpoint.source import Checkpoint, open_checkpoint
 from layersplice.checkpoint.writer import WriteItem
 from layersplice.errors import LayerspliceError
+from layersplice.output.family import DISTILLED
 from layersplice.planning.alignment import Alignment, AlignmentSpec
 from layersplice.planning.job import open_job
 from layersplice.planning.plan import TEACHER, PlannedTensor, make_plan, student_init_plan
@@ -45,6 +46,8 @@ def _replan(provenance: dict) -> list[PlannedTensor]:
 def check_against_sources(directory: Path, provenance: dict, output: Checkpoint) -> None:
     if provenance.get("kind") == "transfer":
         return _check_transfer(directory, provenance, output)
+    if provenance.get("kind") == DISTILLED:
+        return _check_distilled(directory, provenance, output)
     try:
         planned = _replan(provenance)
     except LayerspliceError as exc:
@@ -89,6 +92,16 @@ def _check_transfer(directory: Path, provenance: dict, output: Checkpoint) -> No
                 f"{directory}: tensor {item.name!r} is not teacher + (student - base_teacher) of "
                 f"{item.variant.name!r}, {item.source.name!r} and {item.base.name!r}"
             )
+
+
+def _check_distilled(directory: Path, provenance: dict, output: Checkpoint) -> None:
+    """Trained weights cannot be recomputed from their sources: the student must hold exactly the
+    tensors of the initial student it was trained from, in the same dtypes and shapes."""
+    try:
+        initial = open_checkpoint(_source_ref(provenance["sources"]["student"]))
+    except LayerspliceError as exc:
+        raise SourceMismatch(f"{directory}: cannot re-open the student recorded in layersplice.json: {exc}") from None
+    check_planned_layout(directory, list(initial.tensors.values()), output)
 
 
 def _same_bytes(item: PlannedTensor, out_file: Path, out_start: int) -> bool:

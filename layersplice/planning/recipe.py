@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from layersplice import schema
 from layersplice.checkpoint.bounded import YAML_LIMIT, read_bounded
 from layersplice.errors import RecipeError
@@ -65,39 +63,8 @@ class Recipe:
 def load_recipe(path: Path) -> tuple[Recipe, Path]:
     """Parse a recipe; local model paths resolve relative to the recipe's folder."""
     text = read_bounded(path, YAML_LIMIT, "recipe", RecipeError)
-    try:
-        root, data = schema.parse_yaml(text)
-    except schema.YamlRefused as exc:
-        raise RecipeError(f"{path}:{exc.line}: {exc.message}") from None
-    except yaml.YAMLError as exc:
-        line, problem = schema.yaml_problem(exc)
-        raise RecipeError(f"{path}{f':{line}' if line else ''}: not valid YAML ({problem})") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping of keys such as name, teacher, student")
-    try:
-        recipe = schema.load(Recipe, data)
-    except schema.SchemaError as exc:
-        field_name = ".".join(str(p) for p in exc.path) or "recipe"
-        raise RecipeError(f"{path}:{_line_of(root, exc.path)}: {field_name}: {exc.message}") from None
-    return recipe, path.parent
-
-
-def _line_of(node: yaml.Node | None, loc: tuple) -> int:
-    """1-based line of the YAML node at a schema error's location."""
-    line = node.start_mark.line + 1 if node is not None else 1
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = next(((k, v) for k, v in node.value if k.value == part), None)
-            if match is None:
-                break
-            line = match[0].start_mark.line + 1
-            node = match[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
+    shape = "a recipe is a YAML mapping of keys such as name, teacher, student"
+    return schema.load_yaml(Recipe, text, path, RecipeError, "recipe", shape), path.parent
 
 
 def model_reference(value: str, base: Path) -> str:
