@@ -209,6 +209,8 @@ class StreamedCorpus:
     def rows(self) -> Any:
         """The dataset as a `datasets` IterableDataset."""
         datasets = _import("datasets")
+        # A file it cannot parse is also logged, over several lines; the DataError says it in one.
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
         try:
             return datasets.load_dataset(self.name, self.config_name, split=self.split, streaming=True)
         except (FileNotFoundError, ValueError, ConnectionError) as error:
@@ -272,9 +274,10 @@ class StreamShare:
     def documents(self, start: int = 0) -> Iterator[str]:
         if self._head is None:
             self._head = self._held_head()
-        skip = self._head + start
-        rows = self._rows()
-        return self.corpus.texts(rows.skip(skip) if skip else rows, skip, self._where)
+        # Skipped here rather than by IterableDataset.skip, which counts the
+        # documents of the whole stream once it is split (datasets 5.2).
+        texts = self.corpus.texts(self._rows(), 0, self._where)
+        return itertools.islice(texts, self._head + start, None)
 
 
 def _digest(text: str) -> bytes:
