@@ -366,3 +366,24 @@ def test_a_streamed_run_resumes_only_with_the_processes_it_was_split_between(tmp
     assert list(state) == ["processes"] and len(state["processes"]) == 1
     with pytest.raises(DataError, match="split between 1 processes and cannot continue with 2; resume with 1"):
         restore(load_data(spec, tokenizer, len(tokenizer), 0, 2).train, state, World(0, 2, torch.device("cpu")))
+
+
+def test_a_tokenize_output_that_does_not_fit_the_run_is_refused_naming_the_fix(tokenized, tokenizer, tmp_path):
+    from layersplice.distill.sources import open_corpus
+    from layersplice.distill.survey import survey_data
+
+    tokens_dir, raw_spec = tokenized
+    teacher = tokens_dir.parent / "teacher"
+    spec = DataSpec(files=(tokens_dir,), seq_len=SEQ_LEN)
+    assert survey_data(spec, teacher, tokenizer).counts.blocks == len(expected_blocks(tokenizer, FEW, val_docs=0))
+    with pytest.raises(DataError, match=f"holds blocks of {SEQ_LEN} tokens, not --seq-len 32; pass --seq-len {SEQ_LEN}"):
+        survey_data(dataclasses.replace(spec, seq_len=32), teacher, tokenizer)
+    with pytest.raises(DataError, match="is tokenized, with its validation split made then .*drop --val-tokens"):
+        survey_data(dataclasses.replace(spec, val_tokens=5), teacher, tokenizer)
+    make_tokenizer(vocab_size=300).save_pretrained(tmp_path / "other")
+    with pytest.raises(DataError, match="was tokenized with the tokenizer of .*differ from --teacher"):
+        survey_data(spec, tmp_path / "other", tokenizer)
+    with pytest.raises(DataError, match="is a tokenize output: give it as the only --data"):
+        survey_data(dataclasses.replace(spec, files=(tokens_dir, *raw_spec.files)), teacher, tokenizer)
+    with pytest.raises(DataError, match="is already tokenized"):
+        open_corpus(spec)
