@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -192,7 +193,7 @@ def _run(config: DistillConfig, world: World) -> None:
 
 def _survey(config: DistillConfig) -> Survey:
     tokenizer = None if config.data.synthetic else teacher_tokenizer(config.teacher)
-    return survey_data(config.data, config.teacher, tokenizer)
+    return survey_data(config.data, config.teacher, tokenizer, processes=len(os.sched_getaffinity(0)))
 
 
 @contextlib.contextmanager
@@ -211,7 +212,10 @@ def _left_as_found_if_failed_early(config: DistillConfig, world: World) -> Itera
                 shutil.rmtree(config.out, ignore_errors=True)
             else:
                 for entry in config.out.iterdir():
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                    if entry.is_dir():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
         raise
 
 

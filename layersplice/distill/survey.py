@@ -1,7 +1,9 @@
 """Before any model loads: read every document, check it, and count what the data holds.
 
 Local files are read whole (every document decoded as UTF-8, every row's text
-field checked) and tokenized to count their tokens; of a streamed dataset,
+field checked) and tokenized to count their tokens, by a pool of processes as
+`tokenize` does (rank 0 does it while the others wait: a large corpus is
+better tokenized once, with `layersplice tokenize`); of a streamed dataset,
 only the first STREAM_CHECK_DOCUMENTS can be read ahead; a tokenize output's
 record is checked against the run (the teacher's tokenizer, --seq-len). A bad
 document is a DataError naming its file and line before a model is loaded or
@@ -16,10 +18,10 @@ from pathlib import Path
 
 from layersplice.checkpoint.token_shards import open_token_shards
 from layersplice.distill.config import DataError, DataSpec, DistillConfig
-from layersplice.distill.data import DistillData, eos_tokenizer, token_documents
+from layersplice.distill.data import DistillData, eos_tokenizer
 from layersplice.distill.holdout import DataCounts, Holdout
 from layersplice.distill.sources import Corpus, StreamedCorpus, open_corpus, tokenized_input
-from layersplice.distill.tokens import tokenizer_digest
+from layersplice.distill.tokens import encoded_documents, tokenizer_digest
 
 STREAM_CHECK_DOCUMENTS = 1000
 
@@ -42,8 +44,8 @@ def check_documents(corpus: Corpus) -> int:
     return sum(1 for _ in documents)
 
 
-def survey_data(spec: DataSpec, teacher: Path, tokenizer) -> Survey:
-    """Check the data a run names and count it; raises DataError on the first problem."""
+def survey_data(spec: DataSpec, teacher: Path, tokenizer, processes: int = 1) -> Survey:
+    """Check the data a run names and count it, tokenizing with `processes` workers; raises DataError on the first problem."""
     if spec.synthetic:
         return Survey("random tokens (--synthetic-data)", None, 0)
     tokenized = tokenized_input(spec)
@@ -53,7 +55,7 @@ def survey_data(spec: DataSpec, teacher: Path, tokenizer) -> Survey:
     if isinstance(corpus, StreamedCorpus):
         return Survey(f"--dataset {spec.dataset} (streamed)", None, check_documents(corpus))
     split = Holdout(spec, len(corpus))
-    for document in token_documents(corpus, eos_tokenizer(tokenizer), 0):
+    for document in encoded_documents(corpus, eos_tokenizer(tokenizer), processes):
         split.takes(len(document))
     counts = split.counts(spec.seq_len)
     return Survey(_paths(spec.files), counts, counts.documents)

@@ -60,6 +60,11 @@ def tokenizer_digest(directory: Path) -> dict:
 _worker_tokenize: Tokenize | None = None  # set in the parent before the pool forks
 
 
+def _one_thread() -> None:
+    """In a worker: one process a core already; the tokenizer's own threads would only compete."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def _encode(texts: list[str]) -> list[np.ndarray]:
     return [np.asarray(ids, dtype=np.uint32) for ids in _worker_tokenize(texts)]
 
@@ -74,9 +79,7 @@ def encoded_documents(corpus: Corpus, tokenize: Tokenize, processes: int) -> Ite
             yield from (np.asarray(ids, dtype=np.uint32) for ids in tokenize(texts))
         return
     _worker_tokenize = tokenize
-    # Each worker is one process on one core; the tokenizer's own threads would only compete.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
+    with multiprocessing.get_context("fork").Pool(processes, initializer=_one_thread) as pool:
         pending: deque = deque()
         for texts in batches:
             pending.append(pool.apply_async(_encode, (texts,)))
