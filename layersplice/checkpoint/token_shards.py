@@ -25,11 +25,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from layersplice.checkpoint.sealed_json import read_sealed
 from layersplice.errors import CheckpointError
+
+if TYPE_CHECKING:  # numpy is imported where arrays are made: `build` imports verify, and no numpy
+    import numpy as np
 
 KIND = "tokens"
 RECORD_FILE = "layersplice.json"
@@ -73,6 +75,8 @@ class TokenShards:
 
     @property
     def dtype(self) -> np.dtype:
+        import numpy as np
+
         return np.dtype(self.record["dtype"]).newbyteorder("<")
 
     def train(self) -> np.ndarray:
@@ -83,6 +87,8 @@ class TokenShards:
         return self._map(VAL_FILE, (self.val_tokens,))
 
     def _map(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        import numpy as np
+
         if not all(shape):
             return np.zeros(shape, dtype=self.dtype)
         return np.memmap(self.directory / name, dtype=self.dtype, mode="r", shape=shape)

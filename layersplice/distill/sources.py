@@ -16,7 +16,7 @@ import importlib
 import itertools
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,7 +223,7 @@ class StreamedCorpus:
         rows = self.rows()
         return self.texts(rows.skip(start) if start else rows, start, lambda n: f"row {n}")
 
-    def texts(self, rows: Any, start: int, where: Any) -> Iterator[str]:
+    def texts(self, rows: Any, start: int, where: Callable[[int], str]) -> Iterator[str]:
         """The text of each row; a DataError naming the document (`where(number)`) for a bad one."""
         number = start
         try:
