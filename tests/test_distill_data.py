@@ -340,17 +340,21 @@ def test_the_feed_records_the_position_of_the_steps_taken_not_of_the_batch_made_
     from layersplice.distill.parallel import World
 
     world = World(0, 1, torch.device("cpu"))
-    feed = Feed(_stream(tmp_path, tokenizer, seed=4), batch_size=3, micro_batch_size=2, world=world)
+    stream = _stream(tmp_path, tokenizer, seed=4)
+    feed = Feed(stream, batch_size=3, micro_batch_size=2, world=world, steps=3)
     taken = [feed.next()[0] for _ in range(2)]
-    state = json.loads(json.dumps(feed.state_dict()))
+    state = json.loads(json.dumps(feed.state_dict()))  # the third batch is being made meanwhile
+    taken.append(feed.next()[0])
     feed.close()
-    assert [[tuple(b.ids.shape) for b in step] for step in taken] == [[(2, SEQ_LEN), (1, SEQ_LEN)]] * 2
+    assert [[tuple(b.ids.shape) for b in step] for step in taken] == [[(2, SEQ_LEN), (1, SEQ_LEN)]] * 3
 
     reference = _stream(tmp_path, tokenizer, seed=4)
-    assert torch.equal(torch.cat([b.ids for step in taken for b in step]), reference.next_blocks(6))
+    served = reference.next_blocks(9)
+    assert torch.equal(torch.cat([b.ids for step in taken for b in step]), served)
+    assert stream.state_dict() == reference.state_dict(), "no batch is made beyond the run's steps"
     resumed = _stream(tmp_path, tokenizer, seed=4)
     restore(resumed, state, world)
-    assert torch.equal(resumed.next_blocks(4), reference.next_blocks(4))
+    assert torch.equal(resumed.next_blocks(3), served[6:])
 
 
 def test_a_streamed_run_resumes_only_with_the_processes_it_was_split_between(tmp_path, tokenizer, monkeypatch):
@@ -359,7 +363,7 @@ def test_a_streamed_run_resumes_only_with_the_processes_it_was_split_between(tmp
 
     spec = _hub(tmp_path, monkeypatch)
     one = World(0, 1, torch.device("cpu"))
-    feed = Feed(load_data(spec, tokenizer, len(tokenizer)).train, batch_size=2, micro_batch_size=2, world=one)
+    feed = Feed(load_data(spec, tokenizer, len(tokenizer)).train, batch_size=2, micro_batch_size=2, world=one, steps=1)
     feed.next()
     state = feed.state_dict()
     feed.close()

@@ -27,13 +27,16 @@ Made = tuple[torch.Tensor, dict]
 
 
 class Feed:
-    """The next global batch's share of this process, cut into micro-batches, one step ahead."""
+    """The next global batch's share of this process, cut into micro-batches, one step ahead.
 
-    def __init__(self, train, batch_size: int, micro_batch_size: int, world: World) -> None:
+    `steps`: how many batches the run still takes; none is made beyond them."""
+
+    def __init__(self, train, batch_size: int, micro_batch_size: int, world: World, steps: int) -> None:
         self.train, self.batch_size, self.micro_batch_size, self.world = train, batch_size, micro_batch_size, world
         self.position = train.state_dict()
+        self._left = steps
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-data")
-        self._ahead: Future[Made] = self._thread.submit(self._make)
+        self._ahead: Future[Made] | None = self._thread.submit(self._make) if steps > 0 else None
 
     def _make(self) -> Made:
         blocks = self.train.next_share(self.batch_size, self.world.rank, self.world.size)
@@ -46,7 +49,8 @@ class Feed:
         started = time.perf_counter()
         blocks, self.position = self._ahead.result()
         waited = time.perf_counter() - started
-        self._ahead = self._thread.submit(self._make)
+        self._left -= 1
+        self._ahead = self._thread.submit(self._make) if self._left > 0 else None
         ids = blocks.to(self.world.device, non_blocking=True)
         batches = [Batch(part, torch.ones_like(part, dtype=torch.bool), padded=False)
                    for part in ids.split(self.micro_batch_size)]
@@ -59,7 +63,6 @@ class Feed:
         return self.position
 
     def close(self) -> None:
-        self._ahead.cancel()
         self._thread.shutdown(wait=True, cancel_futures=True)
 
 

@@ -170,7 +170,7 @@ def _run(config: DistillConfig, world: World) -> None:
         restore(data.train, restored["data"], world)
     evaluating = len(data.val.ids) > 0 and config.eval_every > 0
     speed = _speed(models, config, world)
-    feed = Feed(data.train, config.batch_size, config.micro_batch_size, world)
+    feed = Feed(data.train, config.batch_size, config.micro_batch_size, world, steps=config.steps - step)
     with RunLog(config.out, config.steps, step, enabled=world.is_main) as log, contextlib.closing(feed):
         if evaluating and step == 0:
             log.record({"step": 0} | evaluate(models, data, config, world))
