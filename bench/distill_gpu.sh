@@ -8,12 +8,19 @@
 #   full      the full-logit loss (--loss-chunk-tokens 0): the path before chunking;
 #   plain     one process, chunked CE and KL (the default);
 #   compile   the same with --compile;
-#   torchrun  torchrun --nproc_per_node NPROC (NPROC=1: one process, no FSDP).
+#   torchrun  torchrun --nproc_per_node NPROC (NPROC=1: one process, no FSDP);
+#   tokens    plain, on text instead of random tokens: standard-library
+#             docstrings tokenized once by `layersplice tokenize` (the fixture's
+#             3,072-id tokenizer, whose ids fit either vocabulary) and read from
+#             the memory map.
 # Prints, for each run, the median tokens/s and MFU (first steps dropped as
-# warm-up; MFU against the GPU's dense bf16 peak, or PEAK_TFLOPS), the largest
-# torch.cuda.max_memory_allocated and that per token of a micro-batch; then the
-# targets: compile MFU >= 35%, torchrun >= 0.95x plain, and memory per token
-# at vocab 151,936 <= 1/3 of the full-logit path's. Needs no network.
+# warm-up; MFU against the GPU's dense bf16 peak, or PEAK_TFLOPS), the share
+# of step time spent waiting for data (data_wait_s / step_s over every step:
+# random tokens are drawn, tokenized data read, one step ahead in a thread),
+# the largest torch.cuda.max_memory_allocated and that per token of a
+# micro-batch; then the targets: compile MFU >= 35%, torchrun >= 0.95x plain,
+# memory per token at vocab 151,936 <= 1/3 of the full-logit path's, and data
+# wait <= 1% of step time with tokenized data. Needs no network.
 #
 # Each run is cut at RUN_TIMEOUT seconds, and runs that would start after
 # BUDGET seconds (540: the whole script stays under 10 minutes) are skipped,
@@ -53,7 +60,7 @@ steps=${STEPS:-10}
 hidden=${HIDDEN:-1024}
 layers=${LAYERS:-16}
 vocabs=${VOCABS:-"151936 32000"}
-runs=${RUNS:-"full plain compile torchrun"}
+runs=${RUNS:-"full plain tokens compile torchrun"}
 seq=${SEQ:-2048}
 batch=${BATCH:-16}
 micro=${MICRO:-2}
@@ -88,12 +95,29 @@ EOF
     "$py" -m layersplice init-student --teacher "$dir/teacher" --out "$dir/student" --first 1 --every 2 --last 2
 }
 
+make_tokens() {  # VOCAB: text tokenized with the fixture's tokenizer, given to the teacher
+    local dir=$work/v$1
+    cp "$repo"/fixtures/tiny-teacher/tokenizer.json "$repo"/fixtures/tiny-teacher/tokenizer_config.json "$dir/teacher/"
+    "$py" - "$dir/text.jsonl" <<'EOF'
+import sys
+from pathlib import Path
+
+from layersplice.evaluation.stdlib_text import CALIBRATION_MODULES, HELD_OUT_MODULES, write_documents
+
+write_documents(Path(sys.argv[1]), CALIBRATION_MODULES + HELD_OUT_MODULES)
+EOF
+    "$py" -m layersplice tokenize --teacher "$dir/teacher" --data "$dir/text.jsonl" --seq-len "$seq" \
+        --val-tokens 0 --out "$dir/tokenized"
+}
+
 distill() {  # NAME VOCAB LAUNCHER...: one run; a failure or timeout is reported, not fatal
     local name=$1 vocab=$2 out=$work/v$2/$1
     shift 2
-    local common=(--teacher "$work/v$vocab/teacher" --student "$work/v$vocab/student" --synthetic-data
+    local data=(--synthetic-data --val-tokens 0)
+    [ "$name" = tokens ] && data=(--data "$work/v$vocab/tokenized")  # its validation split is made already
+    local common=(--teacher "$work/v$vocab/teacher" --student "$work/v$vocab/student" "${data[@]}"
                   --seq-len "$seq" --batch-size "$batch" --micro-batch-size "$micro" --steps "$steps"
-                  --val-tokens 0 --eval-every 0 --save-every 0 --device cuda --out "$out" "${peak[@]}")
+                  --eval-every 0 --save-every 0 --device cuda --out "$out" "${peak[@]}")
     local left=$((budget - (SECONDS - started)))
     if [ "$left" -lt 30 ]; then
         echo "== vocab $vocab: $name skipped (BUDGET ${budget}s spent)"
@@ -103,7 +127,7 @@ distill() {  # NAME VOCAB LAUNCHER...: one run; a failure or timeout is reported
     echo "== vocab $vocab: $name (at most ${limit}s)"
     case $name in
         full)     timeout "$limit" "$py" -m layersplice.distill.command "${common[@]}" --loss-chunk-tokens 0 ;;
-        plain)    timeout "$limit" "$py" -m layersplice.distill.command "${common[@]}" ;;
+        plain|tokens) timeout "$limit" "$py" -m layersplice.distill.command "${common[@]}" ;;
         compile)  timeout "$limit" "$py" -m layersplice.distill.command "${common[@]}" --compile ;;
         torchrun) timeout "$limit" "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
                       -m layersplice.distill.command "${common[@]}" ;;
@@ -113,6 +137,7 @@ distill() {  # NAME VOCAB LAUNCHER...: one run; a failure or timeout is reported
 started=$SECONDS
 for vocab in $vocabs; do
     make_pair "$vocab"
+    case " $runs " in *" tokens "*) make_tokens "$vocab" ;; esac
     for name in $runs; do
         distill "$name" "$vocab"
     done
@@ -131,8 +156,8 @@ work, micro, seq, batch, nproc = Path(sys.argv[1]), *map(int, sys.argv[2:6])
 vocabs, runs = sys.argv[6].split(), sys.argv[7].split()
 print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, global batch {batch} x {seq} tokens, "
       f"micro-batch {micro}, torchrun with {nproc} process(es)")
-print(f"{'vocab':>7} {'run':<9} {'tokens/s':>10} {'MFU':>7} {'max_memory_allocated':>21} {'MiB/token':>10} "
-      f"{'final loss':>10}")
+print(f"{'vocab':>7} {'run':<9} {'tokens/s':>10} {'MFU':>7} {'data wait':>9} {'max_memory_allocated':>21} "
+      f"{'MiB/token':>10} {'final loss':>10}")
 results = {}
 for vocab in vocabs:
     for name in runs:
@@ -147,10 +172,11 @@ for vocab in vocabs:
         mfu = statistics.median(r["mfu"] for r in kept) if "mfu" in kept[0] else None
         memory = max(r["cuda_max_memory_gib"] for r in steps)
         per_token = memory * 1024 / (micro * seq)
-        results[vocab, name] = (rate, mfu, per_token)
+        wait = sum(r["data_wait_s"] for r in steps) / sum(r["step_s"] for r in steps)
+        results[vocab, name] = (rate, mfu, per_token, wait)
         mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
-        print(f"{vocab:>7} {name:<9} {rate:>10,.0f} {mfu_text:>7} {memory:>17.2f} GiB {per_token:>10.3f} "
-              f"{steps[-1]['loss']:>10.4f}")
+        print(f"{vocab:>7} {name:<9} {rate:>10,.0f} {mfu_text:>7} {wait:>9.2%} {memory:>17.2f} GiB "
+              f"{per_token:>10.3f} {steps[-1]['loss']:>10.4f}")
 
 print("\ntargets")
 for vocab in vocabs:
@@ -162,4 +188,7 @@ for vocab in vocabs:
     if (vocab, "full") in results and (vocab, "plain") in results:
         ratio = results[vocab, "plain"][2] / results[vocab, "full"][2]
         print(f"  vocab {vocab}: memory per token, chunked / full logits {ratio:.3f} (target <= 0.333 at 151936)")
+    if (vocab, "tokens") in results:
+        print(f"  vocab {vocab}: data wait with tokenized data {results[vocab, 'tokens'][3]:.2%} of step time "
+              "(target <= 1%)")
 EOF

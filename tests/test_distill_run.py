@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from test_distill_support import make_pair, sentences, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from layersplice.cli.main import cli
 from layersplice.distill import loop
 from layersplice.distill.command import distill_command
 from layersplice.distill.config import DataError, DistillError
@@ -57,6 +58,15 @@ def run(argv: list[str]):
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_losses(one: list[dict], two: list[dict], **tolerance) -> None:
+    """The same records, step for step, with every loss term equal within `tolerance` (pytest.approx's)."""
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "ce", "kl", "cos", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], **tolerance), (a["step"], key)
 
 
 def test_short_cpu_run_lowers_validation_loss_and_writes_a_loadable_student(pair, tmp_path):
@@ -105,10 +115,6 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(pair, tmp_path, mo
     killed_after_checkpoint(monkeypatch, 4, args(pair, interrupted, *common))
     run(args(pair, interrupted, *common, "--resume"))
 
-    def without_timing(records):
-        timing = {"tokens_per_s", "tflops_per_device", "mfu"}
-        return [{k: v for k, v in r.items() if k not in timing} for r in records]
-
     assert without_timing(metrics(interrupted)) == without_timing(metrics(whole))
     final_whole = load_file(whole / "model.safetensors")
     final_resumed = load_file(interrupted / "model.safetensors")
@@ -119,6 +125,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(pair, tmp_path, mo
 
 DIE_AFTER_STEP_4 = """
 import sys
+from layersplice.cli.main import cli
 from layersplice.distill import loop
 from layersplice.distill.command import distill_command
 
@@ -155,12 +162,7 @@ def test_torchrun_interrupted_and_resumed_follows_the_one_process_trajectory(pai
     resumed = torchrun(["-m", "layersplice.distill.command"], args(pair, sharded, *common, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    one, two = metrics(single), metrics(sharded)
-    assert [r["step"] for r in one] == [r["step"] for r in two]
-    for a, b in zip(one, two):
-        for key in ("loss", "ce", "kl", "cos", "val_loss"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert_same_losses(metrics(single), metrics(sharded), rel=1e-4, abs=1e-6)
     weights_one, weights_two = load_file(single / "model.safetensors"), load_file(sharded / "model.safetensors")
     assert weights_one.keys() == weights_two.keys()
     # Float noise, grown by six Adam steps: in one process, changing only
@@ -180,12 +182,7 @@ def test_torchrun_replicated_teacher_gives_the_sharded_teachers_result(pair, tmp
     assert "(frozen, sharded over 2 processes)" in sharded.stderr
     assert "(trained, sharded over 2 processes)" in replicated.stderr
 
-    one, two = metrics(tmp_path / "replicated"), metrics(tmp_path / "sharded")
-    assert [r["step"] for r in one] == [r["step"] for r in two]
-    for a, b in zip(one, two):
-        for key in ("loss", "ce", "kl", "cos", "val_loss"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)
+    assert_same_losses(metrics(tmp_path / "replicated"), metrics(tmp_path / "sharded"), rel=1e-6)
     weights_one = load_file(tmp_path / "replicated" / "model.safetensors")
     weights_two = load_file(tmp_path / "sharded" / "model.safetensors")
     for name in weights_one:
@@ -235,3 +232,151 @@ def test_module_entry_point_prints_user_errors_as_one_line(pair, tmp_path):
     assert done.stderr.strip().splitlines() == [
         "error: --batch-size 8 is not a multiple of --micro-batch-size 3 x 1 processes; change one of them"
     ]
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    timing = {"tokens_per_s", "tflops_per_device", "mfu", "step_s", "data_wait_s"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in records]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(pair, tmp_path_factory):
+    """Text of a few blocks an epoch, and its `layersplice tokenize` output (seq 32, 128 tokens held out)."""
+    teacher = pair[0]
+    root = tmp_path_factory.mktemp("small")
+    text = write_jsonl(root / "small.jsonl", sentences(14, seed=9))
+    tokens = root / "tokens"
+    result = CliRunner().invoke(cli, ["tokenize", "--teacher", str(teacher), "--data", str(text), "--out", str(tokens),
+                                      "--seq-len", "32", "--val-tokens", "128", "--num-proc", "2"])
+    assert result.exit_code == 0, result.output
+    blocks = json.loads((tokens / "layersplice.json").read_text())["train"]["blocks"]
+    return text, tokens, blocks
+
+
+def small_args(pair, data: Path, out: Path, *extra: str) -> list[str]:
+    teacher, student, _ = pair
+    return ["--teacher", str(teacher), "--student", str(student), "--data", str(data), "--out", str(out),
+            "--seq-len", "32", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "3e-3", "--steps", "8",
+            "--eval-every", "4", *extra]
+
+
+def test_tokenized_data_gives_the_losses_of_the_raw_text_it_came_from(pair, small_corpus, tmp_path):
+    text, tokens, blocks = small_corpus
+    assert 8 * 8 > 2 * blocks, "the run should cross two epoch boundaries"
+    # Raw text shuffled in windows of exactly one epoch: the permutation tokenized data applies to each epoch.
+    run(small_args(pair, text, tmp_path / "raw", "--val-tokens", "128", "--shuffle-window", str(blocks)))
+    run(small_args(pair, tokens, tmp_path / "tokenized"))
+    raw, tokenized = metrics(tmp_path / "raw"), metrics(tmp_path / "tokenized")
+    assert without_timing(tokenized) == without_timing(raw)
+    assert len([r for r in raw if "val_loss" in r]) == 3
+    weights_raw, weights_tokenized = load_file(tmp_path / "raw" / "model.safetensors"), load_file(
+        tmp_path / "tokenized" / "model.safetensors")
+    for name in weights_raw:
+        assert torch.equal(weights_tokenized[name], weights_raw[name]), name
+
+
+def test_two_processes_on_tokenized_data_resumed_by_one_follow_the_raw_one_process_run(pair, small_corpus, tmp_path):
+    text, tokens, blocks = small_corpus
+    common = ("--save-every", "2")
+    single = tmp_path / "single"
+    run(small_args(pair, text, single, *common, "--val-tokens", "128", "--shuffle-window", str(blocks)))
+    script = tmp_path / "die_after_step_4.py"
+    script.write_text(DIE_AFTER_STEP_4)
+    out = tmp_path / "two-then-one"
+    killed = torchrun([str(script)], small_args(pair, tokens, out, *common))
+    assert killed.returncode != 0 and (out / "checkpoints" / "step-0000004.pt").is_file(), killed.stderr[-3000:]
+    run(small_args(pair, tokens, out, *common, "--resume"))
+
+    assert_same_losses(metrics(single), metrics(out), rel=1e-4, abs=1e-6)
+
+
+def test_the_run_says_what_data_it_found_and_how_many_epochs_the_steps_take(pair, small_corpus, tmp_path):
+    text, tokens, blocks = small_corpus
+    tokenizer = AutoTokenizer.from_pretrained(pair[0])
+    documents = [json.loads(line)["text"] for line in text.read_text().splitlines()]
+    lengths = [len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in documents]
+    held = next(n for n in range(len(lengths) + 1) if sum(lengths[:n]) >= 128)
+    assert blocks == sum(lengths[held:]) // 32
+    expected = (f"{len(documents)} documents, {sum(lengths):,} tokens; held out for validation: {held} documents, "
+                f"128 tokens; training: {blocks} blocks of 32 tokens an epoch")
+    epochs = f"8 steps x 8 blocks of 32 tokens take {64 / blocks:.3g} epochs"
+    raw = CliRunner().invoke(cli, ["distill", *small_args(pair, text, tmp_path / "raw", "--val-tokens", "128",
+                                                          "--steps", "8", "--eval-every", "0")])
+    tokenized = CliRunner().invoke(cli, ["distill", *small_args(pair, tokens, tmp_path / "tokenized", "--steps", "8",
+                                                                "--eval-every", "0")])
+    for result in (raw, tokenized):
+        assert result.exit_code == 0, result.output
+        line = next(line for line in result.stderr.splitlines() if line.startswith("data: "))
+        assert expected in line and epochs in line, line
+    assert "shuffled in windows of 1,024 blocks" in raw.stderr and "all blocks shuffled each epoch" in tokenized.stderr
+
+
+def _invalid_utf8(path: Path) -> str:
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:250]) + lines[250].replace(b'": "', b'": "\xff') + b"".join(lines[251:]))
+    return f"{path} line 251: byte 0xff is not UTF-8 text"
+
+
+def _missing_field_on_the_last_line(path: Path) -> str:
+    path.write_text(path.read_text() + json.dumps({"content": "x"}) + "\n")
+    return f"{path} line 301: no 'text' field (found: content); pass --text-field NAME"
+
+
+def _text_named_parquet(path: Path) -> str:
+    path.rename(path.with_suffix(".parquet"))
+    return f"{path.with_suffix('.parquet')}: not a readable parquet file ("
+
+
+@pytest.mark.parametrize("damage", [_invalid_utf8, _missing_field_on_the_last_line, _text_named_parquet],
+                         ids=["invalid-utf8", "missing-field-last-line", "text-named-parquet"])
+def test_bad_data_is_one_line_before_any_model_loads_and_leaves_no_out(damage, pair, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "data.jsonl", sentences(300, seed=1))
+    message = damage(data)
+    data = next(tmp_path.glob("data.*"))
+
+    def never(*_):
+        raise AssertionError("the models were loaded before the data was checked")
+
+    monkeypatch.setattr(loop, "load_models", never)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["distill", *args((pair[0], pair[1], data), out, "--steps", "2")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
+    assert not out.exists()
+
+
+DOCUMENTS_BEFORE_THE_BREAK = 80
+
+
+def _streamed_with_a_broken_second_file(root: Path) -> Path:
+    (root / "hub" / "data").mkdir(parents=True)
+    write_jsonl(root / "hub" / "data" / "train-0.jsonl", sentences(DOCUMENTS_BEFORE_THE_BREAK, seed=2))
+    (root / "hub" / "data" / "train-1.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "cut sho\n')
+    return root / "hub"
+
+
+@pytest.mark.parametrize("save_every", [2, 0], ids=["keeps-the-last-checkpoint", "nothing-saved-nothing-left"])
+def test_a_streamed_document_that_breaks_mid_run_stops_it_in_one_line(save_every, pair, tmp_path, monkeypatch):
+    from layersplice.distill import survey
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(survey, "STREAM_CHECK_DOCUMENTS", 10)  # the break lies beyond what is read ahead
+    dataset = _streamed_with_a_broken_second_file(tmp_path)
+    teacher, student, _ = pair
+    out = tmp_path / "out"
+    argv = ["distill", "--teacher", str(teacher), "--student", str(student), "--dataset", str(dataset),
+            "--out", str(out), "--seq-len", "32", "--batch-size", "8", "--micro-batch-size", "4", "--steps", "40",
+            "--val-tokens", "0", "--save-every", str(save_every), "--eval-every", "0", "--shuffle-window", "8"]
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 2, result.output
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: --dataset {dataset} document {DOCUMENTS_BEFORE_THE_BREAK + 1} of process 0's "
+                            "share (1 processes): cannot be read ("), error
+    assert "the first 10 documents were checked" in result.stderr
+    if save_every:
+        assert len(list((out / "checkpoints").glob("step-*.pt"))) == 1
+        assert not (out / "model.safetensors").exists()
+    else:
+        assert not out.exists()

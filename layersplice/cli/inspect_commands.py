@@ -88,7 +88,8 @@ def inspect(path: str, revision, arch_file, as_json: bool, allow_pickle: bool) -
 def verify(path: Path, against_sources: bool, allow_extra: tuple[str, ...], as_json: bool) -> None:
     """Check an output's integrity; exit 0 only if every check passes.
 
-    Re-reads PATH (a build output or a `build --all` directory): the sealed
+    Re-reads PATH (a build output, a `build --all` directory or a `tokenize`
+    output, whose token ids must also lie inside its vocabulary): the sealed
     layersplice.json / manifest.json, the checksum of every file, every
     safetensors header, the index, and the config against the tensors. A
     single flipped byte anywhere fails, and so does any file or folder the
@@ -118,7 +119,7 @@ def verify(path: Path, against_sources: bool, allow_extra: tuple[str, ...], as_j
         }, indent=2))
         return
     console.print(
-        f"[green]ok[/]: {len(result.directories)} model(s), {result.files} files, "
+        f"[green]ok[/]: {len(result.directories)} output(s), {result.files} files, "
         f"{format_bytes(result.bytes)} verified{' against sources' if against_sources else ''}"
     )
 

@@ -30,6 +30,8 @@ class LayerspliceGroup(click.Group):
     lazy_commands = {
         "distill": ("layersplice.distill.command:distill_command",
                     "Distill a student from its teacher (CE + KL + hidden-state cosine)."),
+        "tokenize": ("layersplice.distill.tokenize_command:tokenize_command",
+                     "Tokenize text once, with every core, for `distill --data OUT`."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

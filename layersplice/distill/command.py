@@ -43,7 +43,8 @@ _dir = click.Path(file_okay=False, path_type=Path)
                    "so `layersplice verify` checks it) and metrics.jsonl; checkpoints/ while unfinished.")
 @click.option("--data", "files", multiple=True, type=click.Path(path_type=Path),
               help="Text: .txt (one document a file), .jsonl, .parquet, a directory of them, "
-                   "or a saved datasets directory. Repeatable.")
+                   "or a saved datasets directory. Repeatable. Or the output of `layersplice tokenize` "
+                   "(alone), read from a memory map with no tokenizing.")
 @click.option("--dataset", help="A dataset streamed by datasets.load_dataset: hub name or local folder.")
 @click.option("--dataset-config", help="The dataset's configuration name, if it has several.")
 @click.option("--split", default=_default(DataSpec, "split"), show_default=True,
@@ -61,7 +62,8 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.option("--val-fraction", type=float,
               help="Hold out this fraction of the documents instead (local data only).")
 @click.option("--shuffle-window", type=int, default=_default(DataSpec, "shuffle_window"),
-              show_default=True, help="Training blocks are shuffled within windows of this many.")
+              show_default=True, help="Training blocks of raw text are shuffled within windows of this "
+                                      "many (tokenized data: across all blocks, each epoch).")
 @click.option("--seed", type=int, default=_default(DataSpec, "seed"), show_default=True,
               help="Seed of the data shuffle and of every random number generator of the run.")
 @click.option("--steps", type=int, default=_default(DistillConfig, "steps"), show_default=True,

@@ -2,11 +2,19 @@
 documents into --seq-len blocks with EOS separators, hold out the first
 documents for validation, and serve training blocks in a seeded order.
 
-The training stream is the corpus, epoch after epoch, cut into full blocks (the
-tail of an epoch that does not fill a block is dropped). It is shuffled inside
-windows of --shuffle-window blocks; window k is permuted by a generator seeded
-with (seed, k). Its position is (window start in the corpus, blocks taken from
-the window): a checkpoint stores that, and resume rebuilds one window.
+The training stream of raw text is the corpus, epoch after epoch, cut into
+full blocks (the tail of an epoch that does not fill a block is dropped). It
+is shuffled inside windows of --shuffle-window blocks; window k is permuted by
+`shuffled(window, seed, k)`. Its position is (window start in the corpus,
+blocks taken from the window): a checkpoint stores that, and resume rebuilds
+one window. A `layersplice tokenize` output (token_stream.py) permutes all the
+blocks of epoch k by `shuffled(blocks, seed, k)`, so raw text read with a
+window of exactly one epoch's blocks gives the same blocks in the same order.
+
+A streamed dataset is split between the processes (sources.StreamShare):
+each packs and shuffles its own share. Local files and tokenized data are
+read whole by every process, which keeps its slice of each global batch, so
+the batches do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -16,10 +24,16 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
+from layersplice.checkpoint.token_shards import open_token_shards
 from layersplice.distill.config import DataError, DataSpec
-from layersplice.distill.sources import Corpus, FileCorpus, open_corpus
+from layersplice.distill.holdout import Holdout, too_little_data
+from layersplice.distill.sources import (
+    Corpus, FileCorpus, StreamedCorpus, StreamShare, open_corpus, tokenized_input,
+)
+from layersplice.distill.token_stream import TokenStream, shuffled
 
 DOCS_PER_TOKENIZE = 64
 
@@ -97,19 +111,26 @@ def pack(
                     yield torch.tensor(block, dtype=torch.long), StreamPosition(*after)
                     block = []
         if whole_epoch and not produced:
-            raise DataError(
-                f"the training data holds less than one --seq-len {seq_len} block after the "
-                "validation split; give more data or lower --seq-len / --val-tokens"
-            )
+            raise too_little_data(seq_len)
         position = StreamPosition(position.epoch + 1, first_doc, 0)
 
 
+def rank_slice(blocks: torch.Tensor, rank: int, processes: int) -> torch.Tensor:
+    """Process `rank`'s consecutive share of a global batch."""
+    share = len(blocks) // processes
+    return blocks[rank * share : (rank + 1) * share]
+
+
 class TrainStream:
-    """Training blocks in windows shuffled by (seed, window index); resumable."""
+    """Training blocks in windows shuffled by (seed, window index); resumable.
+
+    `per_rank`: the stream is this process's own share of the data (a split
+    streamed dataset), so it serves a whole share rather than a slice of a
+    global batch, and its position is its own."""
 
     def __init__(self, blocks_from: Callable[[StreamPosition], Iterator], start: StreamPosition,
-                 window: int, seed: int) -> None:
-        self.blocks_from, self.window, self.seed = blocks_from, window, seed
+                 window: int, seed: int, per_rank: bool = False) -> None:
+        self.blocks_from, self.window, self.seed, self.per_rank = blocks_from, window, seed, per_rank
         self.window_index = -1  # no window loaded yet
         self.window_start = start
         self.taken = 0
@@ -127,13 +148,18 @@ class TrainStream:
             self.taken += 1
         return torch.stack(rows)
 
+    def next_share(self, batch_size: int, rank: int, processes: int) -> torch.Tensor:
+        """This process's blocks of the next global batch."""
+        if self.per_rank:
+            return self.next_blocks(batch_size // processes)
+        return rank_slice(self.next_blocks(batch_size), rank, processes)
+
     def _load_window(self, index: int, start: StreamPosition, taken: int) -> None:
         if self._blocks is None or start != self._next_start:
             self._blocks = self.blocks_from(start)
         window = list(itertools.islice(self._blocks, self.window))
         self._next_start = window[-1][1]
-        self._order = [block for block, _ in window]
-        random.Random(f"{self.seed}:{index}").shuffle(self._order)
+        self._order = [window[i][0] for i in shuffled(len(window), self.seed, index)]
         self.window_index, self.window_start, self.taken = index, start, taken
 
     def state_dict(self) -> dict:
@@ -151,6 +177,8 @@ class TrainStream:
 class SyntheticStream:
     """Uniform random tokens; block i of stream `name` comes from a generator seeded with (seed, name, i)."""
 
+    per_rank = False
+
     def __init__(self, vocab_size: int, seq_len: int, seed: int, name: str) -> None:
         self.vocab_size, self.seq_len, self.seed, self.name = vocab_size, seq_len, seed, name
         self.taken = 0
@@ -160,8 +188,17 @@ class SyntheticStream:
         return torch.randint(self.vocab_size, (self.seq_len,), generator=torch.Generator().manual_seed(seed))
 
     def next_blocks(self, count: int) -> torch.Tensor:
-        rows = [self.block(self.taken + i) for i in range(count)]
-        self.taken += count
+        return self._blocks(range(self.taken, self.taken + count), count)
+
+    def next_share(self, batch_size: int, rank: int, processes: int) -> torch.Tensor:
+        """This process's blocks of the next global batch; only those are drawn."""
+        share = batch_size // processes
+        first = self.taken + rank * share
+        return self._blocks(range(first, first + share), batch_size)
+
+    def _blocks(self, indices: range, advance: int) -> torch.Tensor:
+        rows = [self.block(i) for i in indices]
+        self.taken += advance
         return torch.stack(rows) if rows else torch.empty((0, self.seq_len), dtype=torch.long)
 
     def state_dict(self) -> dict:
@@ -173,53 +210,53 @@ class SyntheticStream:
 
 @dataclass
 class DistillData:
-    """Validation blocks (padded at the end) and the training stream."""
+    """Validation blocks (padded at the end), the training stream and what was held out."""
 
     val: Batch
-    train: TrainStream | SyntheticStream
+    train: TrainStream | SyntheticStream | TokenStream
+    held_documents: int | None = None
 
 
-def load_data(spec: DataSpec, tokenizer, vocab_size: int) -> DistillData:
-    """The data a DataSpec names, tokenized by the teacher's tokenizer."""
+def load_data(spec: DataSpec, tokenizer, vocab_size: int, rank: int = 0, processes: int = 1) -> DistillData:
+    """The data a DataSpec names, tokenized by the teacher's tokenizer, for process `rank` of `processes`."""
     if spec.synthetic:
         blocks = -(-spec.held_out_tokens // spec.seq_len)
         val_ids = SyntheticStream(vocab_size, spec.seq_len, spec.seed, "val").next_blocks(blocks)
         val = Batch(val_ids, torch.ones_like(val_ids, dtype=torch.bool), padded=False)
         return DistillData(val, SyntheticStream(vocab_size, spec.seq_len, spec.seed, "train"))
+    tokenized = tokenized_input(spec)
+    if tokenized is not None:
+        shards = open_token_shards(tokenized)
+        val = pack_padded(shards.val().astype(np.int64), spec.seq_len, pad_id=shards.record["eos_token_id"])
+        return DistillData(val, TokenStream(shards, spec.seed), shards.record["validation"]["documents"])
     corpus = open_corpus(spec)
     tokenize = eos_tokenizer(tokenizer)
     val_docs, val_tokens = hold_out(corpus, tokenize, spec)
     val = pack_padded(val_tokens, spec.seq_len, pad_id=tokenizer.eos_token_id)
+    if isinstance(corpus, StreamedCorpus):
+        share = StreamShare(corpus, rank, processes, held_out=val_docs)
+        corpus, first_doc, per_rank = share, 0, True
+    else:
+        first_doc, per_rank = val_docs, False
 
     def blocks_from(start: StreamPosition) -> Iterator:
-        return pack(corpus, tokenize, spec.seq_len, val_docs, start)
+        return pack(corpus, tokenize, spec.seq_len, first_doc, start)
 
-    train = TrainStream(blocks_from, StreamPosition(0, val_docs, 0), spec.shuffle_window, spec.seed)
-    return DistillData(val, train)
+    train = TrainStream(blocks_from, StreamPosition(0, first_doc, 0), spec.shuffle_window, spec.seed, per_rank)
+    return DistillData(val, train, val_docs)
 
 
 def hold_out(corpus: Corpus, tokenize: Tokenize, spec: DataSpec) -> tuple[int, list[int]]:
     """(number of leading documents held out, their tokens up to the budget)."""
-    if spec.val_fraction is not None:
-        if not isinstance(corpus, FileCorpus):
-            raise DataError("--val-fraction needs a corpus of known size; use --val-tokens with --dataset")
-        docs, budget = round(spec.val_fraction * len(corpus)), None
-    else:
-        docs, budget = None, spec.held_out_tokens
+    split = Holdout(spec, len(corpus) if isinstance(corpus, FileCorpus) else None)
     tokens: list[int] = []
-    count = 0
     for document in token_documents(corpus, tokenize, 0):
-        if count == docs or (budget is not None and len(tokens) >= budget):
+        if not split.takes(len(document)):
             break
-        tokens.extend(document)
-        count += 1
+        tokens.extend(document[: split.kept(len(document))])
     else:
-        if count:
-            raise DataError(
-                f"the validation split takes all {count} documents; lower --val-tokens or "
-                "--val-fraction, or give more data"
-            )
-    return count, tokens[:budget]
+        split.check()
+    return split.held_documents, tokens
 
 
 def pack_padded(tokens: list[int], seq_len: int, pad_id: int) -> Batch:
@@ -227,6 +264,6 @@ def pack_padded(tokens: list[int], seq_len: int, pad_id: int) -> Batch:
     blocks = -(-len(tokens) // seq_len)
     ids = torch.full((blocks, seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros((blocks, seq_len), dtype=torch.bool)
-    ids.view(-1)[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    ids.view(-1)[: len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
     mask.view(-1)[: len(tokens)] = True
     return Batch(ids, mask, padded=len(tokens) < blocks * seq_len)

@@ -10,15 +10,22 @@ rank r takes its slice.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
 import time
+from collections.abc import Iterator
 
 import torch
 
 from layersplice.distill import parallel
-from layersplice.distill.checkpoints import check_out, export_student, load_checkpoint, save_checkpoint
+from layersplice.distill.checkpoints import (
+    check_out, export_student, latest_checkpoint, load_checkpoint, save_checkpoint,
+)
 from layersplice.distill.config import DistillConfig
 from layersplice.distill.data import Batch, DistillData, load_data
+from layersplice.distill.feed import Feed, restore
 from layersplice.distill.chunked import chunked_logit_losses
 from layersplice.distill.heads import head_of
 from layersplice.distill.losses import (
@@ -29,10 +36,11 @@ from layersplice.distill.losses import (
     kl_scale,
     weighted_total,
 )
-from layersplice.distill.models import Models, hidden_states_at, load_models
+from layersplice.distill.models import Models, hidden_states_at, load_models, teacher_tokenizer
 from layersplice.distill.parallel import World
 from layersplice.distill.progress import RunLog, notice
 from layersplice.distill.seal import refuse_a_finished_run, seal_student
+from layersplice.distill.survey import Survey, data_summary, survey_data
 from layersplice.distill.throughput import Speed, describe_run, flops_per_token, known_peak_tflops
 
 BETAS = (0.9, 0.95)
@@ -110,17 +118,6 @@ def train_step(models: Models, micro_batches: list[Batch], optimizer, scheduler,
     return dict(zip(("loss", "ce", "kl", "cos"), means)) | {"lr": lr, "grad_norm": grad_norm}
 
 
-def micro_batches_of(data: DistillData, config: DistillConfig, world: World) -> list[Batch]:
-    """This rank's share of the next global batch, cut into micro-batches."""
-    blocks = data.train.next_blocks(config.batch_size)
-    share = config.batch_size // world.size
-    mine = blocks[world.rank * share : (world.rank + 1) * share]
-    return [
-        Batch(ids, torch.ones_like(ids, dtype=torch.bool), padded=False).to(world.device)
-        for ids in mine.split(config.micro_batch_size)
-    ]
-
-
 @torch.no_grad()
 def evaluate(models: Models, data: DistillData, config: DistillConfig, world: World) -> dict:
     """Token-weighted loss terms on the held-out blocks, shared out across ranks."""
@@ -153,7 +150,8 @@ def distill(config: DistillConfig) -> dict | None:
     Returns what was written (for --json) on rank 0, None on the other ranks."""
     world = parallel.start_world(config.device)
     try:
-        return _run(config, world)
+        with _left_as_found_if_failed_early(config, world):
+            return _run(config, world)
     finally:
         parallel.stop_world(world)
 
@@ -162,35 +160,38 @@ def _run(config: DistillConfig, world: World) -> dict | None:
     config.accumulation_steps(world.size)  # refuses a global batch the processes cannot share
     parallel.decided_on_main(lambda: refuse_a_finished_run(config), world)
     parallel.decided_on_main(lambda: check_out(config), world)
+    survey = parallel.decided_on_main(lambda: _survey(config), world)  # every document, before any model
     torch.manual_seed(config.data.seed + world.rank)
     models = load_models(config, world)
-    data = load_data(config.data, models.tokenizer, models.teacher.config.vocab_size)
+    data = load_data(config.data, models.tokenizer, models.teacher.config.vocab_size, world.rank, world.size)
+    notice(data_summary(survey, data, config), world.is_main)
     optimizer = build_optimizer(models.student, config)
     scheduler = build_scheduler(optimizer, config)
     step = 0
     if config.resume:
         restored = load_checkpoint(config, models.student, optimizer, scheduler, world)
         step = restored["step"]
-        data.train.load_state_dict(restored["data"])
+        restore(data.train, restored["data"], world)
     evaluating = len(data.val.ids) > 0 and config.eval_every > 0
     speed = _speed(models, config, world)
-    with RunLog(config.out, config.steps, step, enabled=world.is_main) as log:
+    feed = Feed(data.train, config.batch_size, config.micro_batch_size, world, steps=config.steps - step)
+    with RunLog(config.out, config.steps, step, enabled=world.is_main) as log, contextlib.closing(feed):
         if evaluating and step == 0:
             log.record({"step": 0} | evaluate(models, data, config, world))
         while step < config.steps:
             started = time.perf_counter()
-            micro_batches = micro_batches_of(data, config, world)
+            micro_batches, waited = feed.next()
             metrics = train_step(models, micro_batches, optimizer, scheduler, config, world)
             step += 1
-            metrics |= speed.metrics(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            metrics |= speed.metrics(elapsed) | {"step_s": elapsed, "data_wait_s": waited}
             if world.device.type == "cuda":
                 metrics["cuda_max_memory_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
             log.record({"step": step} | metrics)
             if evaluating and (step % config.eval_every == 0 or step == config.steps):
                 log.record({"step": step} | evaluate(models, data, config, world))
             if config.save_every and step % config.save_every == 0:
-                save_checkpoint(config, step, models.student, optimizer, scheduler,
-                                data.train.state_dict(), world)
+                save_checkpoint(config, step, models.student, optimizer, scheduler, feed.state_dict(), world)
     export_student(config, models.student, models.stored_dtype, world)
     if not world.is_main:
         return None
@@ -198,6 +199,34 @@ def _run(config: DistillConfig, world: World) -> dict | None:
     notice(f"wrote {config.out}: the distilled student, sealed; `layersplice verify {config.out}` checks it",
            enabled=True)
     return written
+
+
+def _survey(config: DistillConfig) -> Survey:
+    tokenizer = None if config.data.synthetic else teacher_tokenizer(config.teacher)
+    return survey_data(config.data, config.teacher, tokenizer, processes=len(os.sched_getaffinity(0)))
+
+
+@contextlib.contextmanager
+def _left_as_found_if_failed_early(config: DistillConfig, world: World) -> Iterator[None]:
+    """A new run that stops before its first checkpoint leaves --out as it found it:
+    absent, or empty. (check_out refuses a new run in a folder that holds
+    anything, so nothing of the user's is ever removed.) Once a checkpoint
+    exists, everything stays, for --resume."""
+    absent = not config.out.exists()
+    empty = config.out.is_dir() and not any(config.out.iterdir())
+    try:
+        yield
+    except BaseException:
+        if world.is_main and not config.resume and (absent or empty) and latest_checkpoint(config.out) is None:
+            if absent:
+                shutil.rmtree(config.out, ignore_errors=True)
+            else:
+                for entry in config.out.iterdir():
+                    if entry.is_dir():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+        raise
 
 
 def _speed(models: Models, config: DistillConfig, world: World) -> Speed:

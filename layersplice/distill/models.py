@@ -59,7 +59,7 @@ def _load(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     )
 
 
-def _tokenizer(path: Path):
+def teacher_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
@@ -84,7 +84,7 @@ def load_models(config: DistillConfig, world: World) -> Models:
             f"--student {config.student}: no {STUDENT_CONFIG_NAME}; make the student with "
             "`layersplice init-student`, which writes it"
         )
-    tokenizer = None if config.data.synthetic else _tokenizer(config.teacher)  # fails fast, before the weights
+    tokenizer = None if config.data.synthetic else teacher_tokenizer(config.teacher)  # fails fast, before the weights
     teacher_dtype = torch.bfloat16 if world.device.type == "cuda" else torch.float32
     teacher = _load(config.teacher, teacher_dtype).eval().requires_grad_(False)
     student = _load(config.student, torch.float32).train()

@@ -13,7 +13,10 @@ from layersplice.checkpoint.atomic import is_working_file
 from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.checkpoint.sealed_json import read_sealed
 from layersplice.checkpoint.source import open_checkpoint
-from layersplice.errors import LayerspliceError
+from layersplice.checkpoint.token_shards import (
+    RECORD_FILE, TRAIN_FILE, VAL_FILE, is_token_dir, largest_token, open_token_shards,
+)
+from layersplice.errors import CheckpointError, LayerspliceError
 from layersplice.output.family import DISTILLED, MANIFEST_FILE, PARTS_DIR, PROVENANCE_FILE, assembly_problem
 from layersplice.planning.alignment import STUDENT_CONFIG_NAME, read_student_config
 
@@ -38,6 +41,14 @@ def verify_path(path: Path, against_sources: bool = False, allow_extra: Iterable
     may be there although no record lists them; any other unlisted entry fails.
     """
     allowed = frozenset(Path(p).as_posix() for p in allow_extra)
+    if is_token_dir(path):
+        if against_sources:
+            raise VerifyError(
+                f"{path} is a tokenize output: --against-sources compares model weights with their sources; "
+                "verify it without that option (its checksums cover every byte)"
+            )
+        files, size = check_token_dir(path, allowed)
+        return Verified((path,), files, size)
     if (path / MANIFEST_FILE).is_file():
         return _verify_all(path, against_sources, allowed)
     if (path / PROVENANCE_FILE).is_file():
@@ -152,4 +163,30 @@ def check_model_dir(
         from layersplice.output.verify_sources import check_against_sources
 
         check_against_sources(directory, provenance, checkpoint)
+    return count, size
+
+
+def check_token_dir(directory: Path, allowed: frozenset[str] = frozenset()) -> tuple[int, int]:
+    """All checks of a `layersplice tokenize` output; returns (files checked, bytes checked).
+
+    Beyond the record's seal and the files' sizes and checksums, every token id
+    must lie inside the tokenizer's vocabulary that the record names."""
+    try:
+        shards = open_token_shards(directory)
+    except CheckpointError as exc:
+        raise VerifyError(str(exc)) from None
+    where = str(directory / RECORD_FILE)
+    recorded = shards.record["files"]
+    if sorted(recorded) != sorted((TRAIN_FILE, VAL_FILE)):
+        raise VerifyError(f"{where}: lists {sorted(recorded)}, not {TRAIN_FILE} and {VAL_FILE}")
+    check_nothing_else(directory, [*recorded, RECORD_FILE], where, allowed)
+    count, size = check_files(directory, recorded, where)
+    vocabulary = shards.record["tokenizer"]["vocab_size"]
+    for name, tokens in ((TRAIN_FILE, shards.train()), (VAL_FILE, shards.val())):
+        largest = largest_token(tokens)
+        if largest >= vocabulary:
+            raise VerifyError(
+                f"{directory / name}: token id {largest} lies outside the {vocabulary}-token vocabulary "
+                f"{where} records"
+            )
     return count, size
