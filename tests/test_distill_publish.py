@@ -71,7 +71,7 @@ def test_verify_passes_on_the_out_of_a_plain_run(pair, tmp_path):
     assert result.exit_code == 0, result.output
     verified = layersplice("verify", out)
     assert verified.exit_code == 0, verified.output
-    assert verified.stdout.startswith("ok: 1 model(s)")
+    assert verified.stdout.startswith("ok: 1 output(s)")
 
 
 def test_a_finished_run_verifies_as_written_and_holds_nothing_unlisted(finished):
