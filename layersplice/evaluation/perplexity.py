@@ -181,6 +181,11 @@ class EvalRequest:
     max_tokens: int | None = None
     device: str = "auto"
     text_field: str = "text"
+    data_name: str | None = None  # how reports and cards name the data; default: the file's name
+
+    @property
+    def data_label(self) -> str:
+        return self.data_name or (self.data.name if self.data is not None else "")
 
 
 @dataclass(frozen=True)

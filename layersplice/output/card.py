@@ -8,12 +8,10 @@ ModelCard/ModelCardData, offline: no template download, no network.
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 
-from layersplice.checkpoint.source import Checkpoint
+from layersplice.checkpoint.source import COMMIT, Checkpoint
 from layersplice.planning.alignment import Alignment
 from layersplice.planning.job import Job
 from layersplice.planning.plan import Plan
@@ -34,7 +32,6 @@ PIPELINES = (
     ("ForQuestionAnswering", "question-answering", "AutoModelForQuestionAnswering"),
     ("Model", "feature-extraction", "AutoModel"),
 )
-COMMIT = re.compile(r"[0-9a-f]{40}")
 DTYPE_OPTIONS = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
 
 
@@ -48,11 +45,18 @@ class CardFacts:
     plan: Plan
     config: dict
     command: list[str]
+    hub_owner: str | None = None  # where the output will be uploaded, as OWNER/name
+    made_of: str | None = None  # how every tensor was made, when not copied from the plan's models
+
+    @property
+    def repo(self) -> str:
+        """What from_pretrained loads: the Hub repo the output will be uploaded to, else its folder."""
+        return f"{self.hub_owner}/{self.name}" if self.hub_owner else self.name
 
 
-def is_hub_id(checkpoint: Checkpoint) -> bool:
-    """A checkpoint named by a Hub repo id (resolved through the cache), not by a local path."""
-    return Path(checkpoint.reference).expanduser() != checkpoint.directory
+def shown_name(checkpoint: Checkpoint) -> str:
+    """How a card names a model: its Hub repo id when it has one, else the path it was read from."""
+    return checkpoint.hub_name or checkpoint.reference
 
 
 def pipeline_of(config: dict) -> tuple[str | None, str]:
@@ -83,7 +87,7 @@ def render(facts: CardFacts, license_: str | None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     pipeline_tag, _ = pipeline_of(facts.config)
-    hub_ids = [c.reference for c in facts.base_models if is_hub_id(c)]
+    hub_ids = [c.hub_name for c in facts.base_models if c.hub_name]
     data = ModelCardData(
         base_model=hub_ids or None,
         library_name="transformers",
@@ -100,15 +104,20 @@ def _body(facts: CardFacts) -> str:
     plan = facts.plan
     _, auto = pipeline_of(facts.config)
     rows = "\n".join(
-        f"| {layer.index} | {layer.model} | {layer.source_layer} | {layer.block} |" for layer in plan.layers
+        f"| {layer.index} | {facts.made_of or layer.model} | {layer.source_layer} | {layer.block} |"
+        for layer in plan.layers
     )
+    sources = f"Every tensor is {facts.made_of}" if facts.made_of else (
+        f"Embeddings from the {plan.embeddings_from}; final norm and head from the {plan.head_from}")
+    name = shlex.quote(facts.name)
+    download = f"hf download {facts.repo} --local-dir {name}\n" if facts.hub_owner else ""
     return f"""# {facts.name}
 
 {facts.what}
 
 - Layers: {plan.n_layers}
 - Parameters: {format_params(plan.params)} ({plan.params:,})
-- Embeddings from the {plan.embeddings_from}; final norm and head from the {plan.head_from}
+- {sources}
 
 ## Where every layer came from
 
@@ -122,15 +131,19 @@ def _body(facts: CardFacts) -> str:
 {shlex.join(facts.command)}
 ```
 
-`layersplice verify {shlex.quote(facts.name)}` re-checks every file against the sealed `layersplice.json`.
+`layersplice verify` re-checks every file against the sealed `layersplice.json`:
+
+```bash
+{download}layersplice verify {name}
+```
 
 ## Use it
 
 ```python
 from transformers import {auto}, AutoTokenizer
 
-model = {auto}.from_pretrained("{facts.name}")
-tokenizer = AutoTokenizer.from_pretrained("{facts.name}")
+model = {auto}.from_pretrained("{facts.repo}")
+tokenizer = AutoTokenizer.from_pretrained("{facts.repo}")
 ```
 """
 
@@ -140,10 +153,11 @@ def source_arguments(checkpoint: Checkpoint, option: str, revision_option: str) 
 
     A Hub model is pinned to the commit that was read (the name of its
     snapshot folder in the cache), so the command rebuilds these very bytes
-    after the repository moves on."""
-    arguments = [option, checkpoint.reference]
+    after the repository moves on. A local copy declared to be a Hub repo is
+    named by that repo (and the revision declared for it)."""
+    arguments = [option, shown_name(checkpoint)]
     revision = checkpoint.revision
-    if is_hub_id(checkpoint) and COMMIT.fullmatch(checkpoint.directory.name):
+    if checkpoint.from_hub and COMMIT.fullmatch(checkpoint.directory.name):
         revision = checkpoint.directory.name
     if revision:
         arguments += [revision_option, revision]
@@ -159,8 +173,8 @@ def output_arguments(cast: str | None, shard_size: int, out: str) -> list[str]:
 
 def interpolated_what(teacher: Checkpoint, student: Checkpoint, n_teacher: int, n_student: int) -> str:
     return (
-        f"A size between the teacher `{teacher.reference}` ({n_teacher} layers) and its student "
-        f"`{student.reference}` ({n_student} layers), made by "
+        f"A size between the teacher `{shown_name(teacher)}` ({n_teacher} layers) and its student "
+        f"`{shown_name(student)}` ({n_student} layers), made by "
         f"[boomerang distillation]({PAPER}) interpolation: each student block is either kept or "
         "replaced by the teacher layers it was distilled to stand for. No training: every tensor is "
         "copied byte for byte (or cast) from the teacher or the student by `layersplice build`."
@@ -169,7 +183,7 @@ def interpolated_what(teacher: Checkpoint, student: Checkpoint, n_teacher: int, 
 
 def student_init_what(teacher: Checkpoint, copied: tuple[int, ...]) -> str:
     return (
-        f"The initial student for [boomerang distillation]({PAPER}) of `{teacher.reference}`: teacher "
+        f"The initial student for [boomerang distillation]({PAPER}) of `{shown_name(teacher)}`: teacher "
         f"layers {','.join(map(str, copied))} copied, with the teacher's embeddings, final norm and head. "
         "It is not distilled yet; train it with `layersplice distill` before interpolating."
     )
@@ -187,16 +201,16 @@ def build_card(job: Job, plan: Plan, config: dict, shard_size: int, name: str) -
         *output_arguments(job.cast, shard_size, name),
     ]
     what = interpolated_what(job.teacher, job.student, alignment.n_teacher, alignment.n_student)
-    facts = CardFacts(name, what, (job.teacher, job.student), plan, config, command)
+    facts = CardFacts(name, what, (job.teacher, job.student), plan, config, command, job.hub_owner)
     return render(facts, teacher_license(job.teacher))
 
 
 def student_init_card(teacher: Checkpoint, alignment: Alignment, plan: Plan, config: dict, cast: str | None,
-                      shard_size: int, name: str) -> str:
+                      shard_size: int, name: str, hub_owner: str | None = None) -> str:
     """The card of an initial student, with the `init-student` command that writes exactly it."""
     command = [
-        "layersplice", "init-student", *source_arguments(teacher, "--teacher", "--revision"),
+        "layersplice", "init-student", *source_arguments(teacher, "--teacher", "--teacher-revision"),
         "--copied-teacher-layers", ",".join(map(str, alignment.copied)), *output_arguments(cast, shard_size, name),
     ]
-    facts = CardFacts(name, student_init_what(teacher, alignment.copied), (teacher,), plan, config, command)
+    facts = CardFacts(name, student_init_what(teacher, alignment.copied), (teacher,), plan, config, command, hub_owner)
     return render(facts, teacher_license(teacher))
