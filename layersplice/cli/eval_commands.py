@@ -55,10 +55,14 @@ DEMO_MARK = "layersplice_demo"
 @click.command("eval")
 @source_options
 @click.option("--data", type=click.Path(exists=True, path_type=Path), help="Held-out text: .txt, .jsonl, .parquet, or a folder of them.")
-@click.option("--data-name", help="How reports and model cards name the --data text, e.g. 'WikiText-2 test'. Default: the file's name.")
-@click.option("--sizes", default="all", show_default=True, help="'all' (the sizes `build --all` writes) or --keep values such as 4,2,0.")
+@click.option("--data-name",
+              help="How reports and model cards name the --data text, e.g. 'WikiText-2 test'. Default: the file's name.")
+@click.option("--sizes", default="all", show_default=True,
+              help="'all' (the sizes `build --all` writes; with --models, those it holds) or --keep values such as 4,2,0.")
 @click.option("--baseline", type=click.Choice(["naive"]), help="Also measure naive layer dropping: the teacher alone, same layers, no distillation.")
-@click.option("--models", "models_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Read each size from this `build --all` output instead of assembling it in memory; alone, it also names the teacher, student, alignment and order the sizes record.")
+@click.option("--models", "models_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Read each size from this `build --all` output instead of assembling it in memory; alone, it "
+                   "also names the teacher, student, alignment and order the sizes record.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder for eval.json, eval.csv, eval.png (and tasks.*). Default: out/<name>-eval.")
 @name_option
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Window length in tokens (at most the model's context).")
@@ -69,7 +73,9 @@ DEMO_MARK = "layersplice_demo"
 @click.option("--tasks", help="lm-evaluation-harness tasks, comma-separated (pip install 'layersplice[eval]').")
 @click.option("--include-path", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Folder of extra lm-eval task YAMLs, e.g. on local JSON-lines data.")
 @click.option("--limit", type=int, help="lm-eval: at most N examples per task.")
-@click.option("--write-cards", is_flag=True, help="With --models: record each size's results in its model card (model-index and a table) and re-seal its records.")
+@click.option("--write-cards", is_flag=True,
+              help="With --models: record each size's results in its model card (model-index and a table) and "
+                   "re-seal its records.")
 @json_option
 def eval_command(data, data_name, sizes, baseline, models_dir, out, name, seq_len, batch_size, max_tokens, text_field,
                  device, tasks, include_path, limit, write_cards, as_json, **source_options) -> None:
@@ -128,7 +134,8 @@ def _evaluate(sources: Sources, request, meta: dict, out: Path, tasks: list[str]
     scores: dict[int, list[Score]] = {}
     if request.data is not None:
         results, paths = perplexity_run(sources, request, meta, out, shown)
-        report["perplexity"] = {"data": str(request.data), "data_name": request.data_label, "sizes": [size_row(r) for r in results], "files": _paths(paths)}
+        report["perplexity"] = {"data": str(request.data), "data_name": request.data_label,
+                                "sizes": [size_row(r) for r in results], "files": _paths(paths)}
         for r in results:
             scores.setdefault(r.layers, []).append(Score(request.data_label, "perplexity", r.perplexity))
     if tasks:
