@@ -76,6 +76,17 @@ def test_override_alignment_builds_with_the_options_alignment_and_says_so(pair, 
     assert "--override-alignment" in result.stderr and "0,2,4,5" in result.stderr
     record = json.loads((tmp_path / "out" / "layersplice.json").read_text())
     assert record["alignment"]["copied_teacher_layers"] == list(ALIGNMENTS["2-2-1"])
+    checked = run("verify", "--against-sources", tmp_path / "out")  # re-planned with the recorded alignment
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_override_alignment_transfers_and_the_output_verifies_against_its_sources(pair, tmp_path):
+    result = run("transfer", "--base-teacher", pair.teacher_dir, "--teacher", pair.teacher_dir, "--student",
+                 pair.student_dir, *CONTRADICTING, "--override-alignment", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "--override-alignment" in result.stderr
+    checked = run("verify", "--against-sources", tmp_path / "out")
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_options_that_agree_with_the_record_need_no_override(pair, tmp_path):
