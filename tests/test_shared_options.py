@@ -27,7 +27,7 @@ OWN_MEANING = {
 }
 # distill's options are defined in layersplice/distill/command.py, which is being changed beside this
 # vocabulary work: until it takes these from layersplice/cli/options.py, they differ (strict: a fix shows).
-DISTILL_PENDING = {"--teacher", "--student", "--device", "--text-field"}
+DISTILL_PENDING = {"--teacher", "--student", "--device"}
 MODEL_ROLES = ("--teacher", "--student", "--base-teacher")
 
 

@@ -167,7 +167,7 @@ def _note_a_slow_cast(tensors: Iterable[PlannedTensor]) -> None:
 
 @click.command("init-student")
 @recipe_option
-@with_options(*model_options("teacher", "The teacher"))
+@with_options(*model_options("teacher"))
 # The spelling before --teacher-revision, kept for scripts that use it.
 @click.option("--revision", hidden=True, deprecated="use --teacher-revision instead")
 @alignment_options

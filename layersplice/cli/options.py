@@ -43,9 +43,18 @@ def with_options(*options):
     return decorate
 
 
-def model_options(role: str, what: str, required: bool = False) -> list:
+# What each model option names, in every command that takes it.
+MODELS = {
+    "teacher": "The teacher",
+    # distill trains it; every other command reads it trained
+    "student": "The student (made by init-student; distilled, for every command but distill)",
+    "base-teacher": "The teacher the student was distilled from (e.g. the Base model; default: the recipe's teacher)",
+}
+
+
+def model_options(role: str, required: bool = False) -> list:
     """--ROLE, --ROLE-revision and --ROLE-id: one model a command reads, by path or Hub id."""
-    flag, named = f"--{role}", role.replace("-", " ")
+    flag, named, what = f"--{role}", role.replace("-", " "), MODELS[role]
     return [
         click.option(flag, required=required, help=f"{what}: a local model directory or a Hugging Face repo id."),
         click.option(f"{flag}-revision", help=(
@@ -118,7 +127,7 @@ device_option = click.option(
     help="Where the models run: auto (the GPU if torch sees one), cpu or cuda.",
 )
 text_field_option = click.option(
-    "--text-field", default="text", show_default=True, help="Field or column that holds the text in .jsonl/.parquet data.",
+    "--text-field", default="text", show_default=True, help="Field or column that holds the text.",
 )
 
 
@@ -165,8 +174,8 @@ class Sources:
 
 source_options = with_options(
     recipe_option,
-    *model_options("teacher", "The teacher"),
-    *model_options("student", "The distilled student"),
+    *model_options("teacher"),
+    *model_options("student"),
     alignment_options,
     override_alignment_option,
     click.option("--order", type=click.Choice(ORDERS), help="Patch blocks from the end (last), the start (first), or greedily by KL to the teacher on --calib text (kl). Default: the recipe's, else last."),

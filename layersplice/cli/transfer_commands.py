@@ -36,12 +36,7 @@ console = Console()
 
 @click.command()
 @recipe_option
-@with_options(
-    *model_options("base-teacher", "The teacher the student was distilled from (e.g. the Base model; default: the "
-                                   "recipe's teacher)"),
-    *model_options("teacher", "The teacher", required=True),
-    *model_options("student", "The distilled student"),
-)
+@with_options(*model_options("base-teacher"), *model_options("teacher", required=True), *model_options("student"))
 @alignment_options
 @override_alignment_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the variant's student.")
