@@ -217,9 +217,9 @@ ALIGNMENT_CASES = {
     "rule-2_2_1": AlignmentCase(
         ALIGNMENTS["2-2-1"], False, ("--first", "2", "--every", "2", "--last", "1"), ALIGNMENTS["2-2-1"]
     ),
-    # The option wins over the student's own student_config.json (which says 1-2-2).
+    # With --override-alignment the option wins over the student's own student_config.json (which says 1-2-2).
     "option-over-file": AlignmentCase(
-        ALIGNMENTS["1-2-2"], True, ("--copied-teacher-layers", "0,1,3,5"), ALIGNMENTS["2-2-1"]
+        ALIGNMENTS["1-2-2"], True, ("--copied-teacher-layers", "0,1,3,5", "--override-alignment"), ALIGNMENTS["2-2-1"]
     ),
 }
 ALIGNMENT_BLOCK_CHOICES = {

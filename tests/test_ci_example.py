@@ -1,4 +1,5 @@
-"""examples/ci/publish.yml runs on the fixture pair: its own `run:` blocks, read from the workflow file.
+"""examples/ci/publish.yml runs on the fixture pair: its own `run:` blocks, read from the workflow file;
+and the laptop transcript in examples/ci/README.md runs as written.
 
 The matrix's part jobs each run in a folder of their own (as on separate
 runners); what the artifact steps do is done here by copying folders. Not
@@ -13,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -22,6 +24,7 @@ from layersplice.evaluation.stdlib_text import HELD_OUT_MODULES, write_documents
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 WORKFLOW = REPOSITORY / "examples" / "ci" / "publish.yml"
+CI_README = REPOSITORY / "examples" / "ci" / "README.md"
 NOT_RUN_HERE = {"install", "upload"}
 FIXTURE_ENV = {
     "RECIPE": str(REPOSITORY / "recipes" / "tiny.yaml"),
@@ -74,5 +77,27 @@ def test_the_ci_example_publishes_the_fixture_family(tmp_path):
     assert json.loads((publisher / "verified.json").read_text())["ok"] is True
     measured = json.loads((publisher / "eval.json").read_text())["perplexity"]["sizes"]
     for row in measured:
+        card = ModelCard.load(family / f"tiny-{row['layers']}L" / "README.md")
+        assert [r.metric_value for r in card.data.eval_results] == [row["perplexity"]]
+
+
+def test_the_laptop_transcript_in_the_ci_readme_runs_as_written(tmp_path):
+    """From the root of a clone (here: a copy of its recipes/ and fixtures/), after the demo wrote its held-out text."""
+    block = re.search(r"```bash\n(.*?)```", CI_README.read_text(encoding="utf-8"), flags=re.S).group(1)
+    clone = tmp_path / "clone"
+    for folder in ("recipes", "fixtures"):
+        shutil.copytree(REPOSITORY / folder, clone / folder)
+    (clone / "out" / "demo").mkdir(parents=True)
+    write_documents(clone / "out" / "demo" / "held-out.jsonl", HELD_OUT_MODULES)  # as `layersplice demo` writes it
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block], cwd=clone, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    family = clone / "ci" / "family"
+    manifest = json.loads((family / "manifest.json").read_text())
+    assert [entry["layers"] for entry in manifest["sizes"]] == list(range(9, 17))
+    measured = json.loads((clone / "ci" / "eval" / "eval.json").read_text())
+    for row in measured["sizes"]:
         card = ModelCard.load(family / f"tiny-{row['layers']}L" / "README.md")
         assert [r.metric_value for r in card.data.eval_results] == [row["perplexity"]]

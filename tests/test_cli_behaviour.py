@@ -44,7 +44,7 @@ def test_missing_teacher_directory_is_one_line_exit_2_and_writes_nothing(tmp_pat
 def test_alignment_that_does_not_fit_the_student_is_refused_before_writing(tmp_path, llama):
     out = tmp_path / "out"
     result = run("build", "--teacher", str(llama.teacher_dir), "--student", str(llama.student_dir),
-                 "--copied-teacher-layers", "0,2,4", "--keep", "1", "--out", str(out))
+                 "--copied-teacher-layers", "0,2,4", "--override-alignment", "--keep", "1", "--out", str(out))
     assert_user_error(result, "student has 4 layers")
     assert not out.exists()
 

@@ -227,7 +227,9 @@ REFUSALS = {
     "tensor names": (lambda ctx: {"--teacher": _save(ctx.base, ctx.tmp / "v", {**_tensors(ctx.base), "extra.weight": torch.ones(2)})},
                      "'extra.weight'"),
     "dtypes": (lambda ctx: {"--teacher": _in_dtype(ctx.base, ctx.tmp / "v", torch.bfloat16)}, "BF16"),
-    "student layers": (lambda ctx: {"--copied-teacher-layers": "0,2,4"}, "student does not match"),
+    "student layers": (lambda ctx: {"--copied-teacher-layers": "0,2,4", "--override-alignment": None},
+                       "student does not match"),
+    "student's record": (lambda ctx: {"--copied-teacher-layers": "0,1,3,5"}, "records 0,2,4,5"),
     "student head": (lambda ctx: {"--student": ctx.checkpoints("llama-tied", COPIED).student_dir},
                      "student does not match"),
 }
@@ -248,7 +250,8 @@ def test_each_mismatch_is_refused_in_one_line_before_anything_is_written(checkpo
                **make(_Context(checkpoints, tmp_path, base))}
     work = tmp_path / "work"
     work.mkdir()
-    result = _invoke("transfer", *[item for pair in options.items() for item in pair], "--out", work / "out")
+    arguments = [item for option, value in options.items() for item in ((option,) if value is None else (option, value))]
+    result = _invoke("transfer", *arguments, "--out", work / "out")
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output

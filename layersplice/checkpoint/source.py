@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -32,6 +33,7 @@ SIDE_FILES = (
     "chat_template.json",
 )
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+COMMIT = re.compile(r"[0-9a-f]{40}")
 # README.md: the model card, whose license the cards of layersplice outputs pass on.
 HUB_PATTERNS = [CONFIG_FILE, INDEX_FILE, "*.safetensors", "student_config.json", "README.md", *SIDE_FILES]
 
@@ -47,14 +49,57 @@ class Checkpoint:
     files: tuple[Path, ...]
     revision: str | None = None
     index_metadata: dict = field(default_factory=dict)
+    hub_id: str | None = None  # the Hub repo a local copy was declared to be (declare_hub_id)
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    @property
+    def from_hub(self) -> bool:
+        """Named by a Hub repo id (resolved through the cache), not by a local path."""
+        return Path(self.reference).expanduser() != self.directory
+
+    @property
+    def hub_name(self) -> str | None:
+        """The Hub repo id this model is: the one it was read from, or the one declared for a local copy."""
+        return self.reference if self.from_hub else self.hub_id
+
     def describe(self) -> dict:
         """Where it came from, as provenance records list each source."""
-        return {"reference": self.reference, "revision": self.revision, "directory": str(self.directory)}
+        described = {"reference": self.reference, "revision": self.revision, "directory": str(self.directory)}
+        return {**described, "hub_id": self.hub_id} if self.hub_id else described
+
+
+def declare_hub_id(checkpoint: Checkpoint, hub_id: str | None, option: str) -> Checkpoint:
+    """The checkpoint as a copy of the Hub repo `hub_id` (given by `option`), so cards can name it.
+
+    Without a declared revision, the commit `hf download --local-dir` recorded
+    beside the copy's config.json is taken, when there is one."""
+    if hub_id is None:
+        return checkpoint
+    if REPO_ID.fullmatch(hub_id) is None:
+        raise CheckpointError(f"{option} {hub_id!r}: not a Hub repo id; give OWNER/NAME, e.g. Qwen/Qwen3-4B-Base")
+    if checkpoint.from_hub:
+        if hub_id == checkpoint.reference:
+            return checkpoint
+        raise CheckpointError(
+            f"{option} {hub_id}: the model was read from the Hub repo {checkpoint.reference} itself; "
+            f"{option} names the repo a local copy came from, so drop it"
+        )
+    revision = checkpoint.revision or _downloaded_revision(checkpoint.directory)
+    return dataclasses.replace(checkpoint, hub_id=hub_id, revision=revision)
+
+
+def _downloaded_revision(directory: Path) -> str | None:
+    """The commit `hf download --local-dir` noted for config.json (first line of its .metadata file)."""
+    note = directory / ".cache" / "huggingface" / "download" / f"{CONFIG_FILE}.metadata"
+    try:
+        with note.open(encoding="utf-8") as lines:
+            commit = lines.readline(64).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return commit if COMMIT.fullmatch(commit) else None
 
 
 def open_checkpoint(reference: str | Path, revision: str | None = None, allow_pickle: bool = False) -> Checkpoint:

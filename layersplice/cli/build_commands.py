@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Iterable
@@ -9,16 +10,30 @@ from typing import Iterable
 import click
 from rich.console import Console
 
+from layersplice.checkpoint.source import declare_hub_id
 from layersplice.cli import display
 from layersplice.cli.options import (
     DTYPE_CHOICES,
     Sources,
+    alignment_options,
     alignment_specs,
     allow_pickle_option,
+    arch_option,
     choice_options,
     choose,
+    dtype_option,
     err_console,
+    family_name,
+    force_option,
+    hub_owner_option,
+    json_option,
+    model_options,
+    name_option,
+    no_card_option,
+    recipe_option,
+    shard_size_option,
     source_options,
+    with_options,
     with_sources,
 )
 from layersplice.errors import LayerspliceError
@@ -32,8 +47,6 @@ from layersplice.planning.sizes import all_plans
 from layersplice.units import parse_bytes
 
 console = Console()
-no_card_option = click.option("--no-card", is_flag=True, help="Leave out the model card (README.md) written into every output.")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout (paths, layers, parameters, bytes, checksums); messages go to stderr.")
 
 
 @click.command()
@@ -42,14 +55,15 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 @click.option("--all", "all_sizes", is_flag=True, help="Write every size to OUT/<name>-<layers>L/ plus OUT/manifest.json.")
 @click.option("--sizes", help="With --all: only these sizes, as layer counts (e.g. 12,14,16), added to the family in OUT.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory. Default: the recipe's 'out'.")
-@click.option("--name", help="Name used in --all subdirectories. Default: the recipe's name, else the teacher's folder name.")
-@click.option("--shard-size", help="Largest shard, e.g. 5GB (default), 500MB, 2GiB.")
-@click.option("--force", is_flag=True, help="Replace an existing layersplice output at --out.")
+@name_option
+@shard_size_option
+@force_option
+@hub_owner_option
 @no_card_option
 @json_option
 @with_sources
 def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_sizes, sizes, out, name, force,
-          no_card, as_json) -> None:
+          hub_owner, no_card, as_json) -> None:
     """Write an interpolated Hugging Face checkpoint, shard by shard.
 
     Tensor bytes are copied straight from the teacher and student files (no
@@ -64,17 +78,20 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
     run `layersplice assemble OUT`).
 
     \b
-    Examples:
+    Examples (from the root of a clone: recipes/ ships with the repository;
+    `layersplice demo` writes out/demo/calibration.jsonl):
       layersplice build --recipe recipes/llama3.yaml --keep 12
       layersplice build --teacher ./teacher --student ./student --keep 4 --out ./mid
       layersplice build --recipe recipes/tiny.yaml --all --out sizes/
       layersplice build --recipe recipes/tiny.yaml --all --sizes 9,10,11,12 --out sizes/   (one part of a family)
       layersplice build --recipe recipes/tiny.yaml --keep 2 --out tiny-mid --json
       layersplice build --recipe recipes/qwen3.yaml --params 3B --out qwen3-3b
-      layersplice build --recipe recipes/tiny.yaml --order kl --calib held-out.txt --keep 2 --out tiny-kl
+      layersplice build --recipe recipes/tiny.yaml --order kl --calib out/demo/calibration.jsonl --keep 2 --out tiny-kl
     """
+    if hub_owner:
+        sources = dataclasses.replace(sources, job=dataclasses.replace(sources.job, hub_owner=hub_owner))
     job = sources.job
-    name = name or (sources.recipe.name if sources.recipe else Path(job.teacher.directory).name)
+    name = family_name(sources, name)
     if sizes is not None and not all_sizes:
         raise LayerspliceError("--sizes picks sizes of --all; add --all (or choose one size with --layers)")
     if all_sizes:
@@ -149,23 +166,23 @@ def _note_a_slow_cast(tensors: Iterable[PlannedTensor]) -> None:
 
 
 @click.command("init-student")
-@click.option("--teacher", help="Teacher: local directory or Hugging Face repo id.")
-@click.option("--revision", help="Hub revision of the teacher.")
-@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), help="Take the teacher and alignment from a recipe.")
-@click.option("--first", type=int, help="Leading one-layer blocks (reference default 1).")
-@click.option("--every", type=int, help="Teacher layers per block (reference default 2).")
-@click.option("--last", type=int, help="Trailing one-layer blocks (reference default 2).")
-@click.option("--copied-teacher-layers", help="Exact teacher layers to keep, e.g. 0,2,4,5.")
+@recipe_option
+@with_options(*model_options("teacher"))
+# The spelling before --teacher-revision, kept for scripts that use it.
+@click.option("--revision", hidden=True, deprecated="use --teacher-revision instead")
+@alignment_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the new student.")
-@click.option("--dtype", type=click.Choice(sorted(DTYPE_CHOICES)), help="Cast floating tensors.")
-@click.option("--shard-size", default="5GB", show_default=True, help="Largest shard.")
-@click.option("--arch", "arch_file", type=click.Path(dir_okay=False, path_type=Path), help="Family description YAML for an unknown model.")
-@click.option("--force", is_flag=True, help="Replace an existing layersplice output at --out.")
+@dtype_option
+@shard_size_option
+@arch_option
+@force_option
 @allow_pickle_option
+@hub_owner_option
 @no_card_option
 @json_option
-def init_student_command(teacher, revision, recipe, first, every, last, copied_teacher_layers, out, dtype, shard_size,
-                         arch_file, force, allow_pickle, no_card, as_json) -> None:
+def init_student_command(recipe, teacher, teacher_revision, teacher_id, revision, copied_teacher_layers, first,
+                         every, last, out, dtype, shard_size, arch_file, force, allow_pickle, hub_owner, no_card,
+                         as_json) -> None:
     """Make the initial student from kept teacher layers (before distillation).
 
     Streams the kept layers (same machinery and memory bound as build),
@@ -178,15 +195,19 @@ def init_student_command(teacher, revision, recipe, first, every, last, copied_t
       layersplice init-student --teacher Qwen/Qwen3-4B --out qwen3-student --first 1 --every 2 --last 2
     """
     specs = alignment_specs(copied_teacher_layers, first, every, last)
+    teacher_revision = teacher_revision or revision
     if recipe is not None:
         parsed, base = load_recipe(recipe)
         teacher = teacher or model_reference(parsed.teacher, base)
-        revision = revision or parsed.teacher_revision
+        teacher_revision = teacher_revision or parsed.teacher_revision
+        teacher_id, hub_owner = teacher_id or parsed.teacher_id, hub_owner or parsed.hub_owner
+        shard_size = shard_size or parsed.shard_size
         specs.append(parsed.alignment.spec(f"recipe {recipe}"))
     if teacher is None:
         raise LayerspliceError("name the teacher: --teacher T or --recipe R")
     specs.append(AlignmentSpec(rule=(1, 2, 2), origin="the reference default first=1 every=2 last=2"))
-    checkpoint, layout = single_layout(teacher, revision, arch_file, allow_pickle)
+    checkpoint, layout = single_layout(teacher, teacher_revision, arch_file, allow_pickle)
+    checkpoint = declare_hub_id(checkpoint, teacher_id, "--teacher-id")
     named = (("the teacher", checkpoint.directory), ("the recipe", recipe), ("--arch", arch_file))
     inputs = [(what, path) for what, path in named if path is not None]
     alignment, origin = resolve_alignment(specs, layout.n_layers, None)
@@ -194,8 +215,9 @@ def init_student_command(teacher, revision, recipe, first, every, last, copied_t
     plan_bytes = student_init_plan(layout, alignment, cast).nbytes
     with display.progress_bar() as progress:
         task = progress.add_task(f"writing {out}", total=plan_bytes)
-        result = init_student(checkpoint, layout, alignment, origin, out, cast, parse_bytes(shard_size), force,
-                              lambda n: progress.advance(task, n), card=not no_card, inputs=inputs)
+        result = init_student(checkpoint, layout, alignment, origin, out, cast, parse_bytes(shard_size or "5GB"),
+                              force, lambda n: progress.advance(task, n), card=not no_card, inputs=inputs,
+                              hub_owner=hub_owner)
     err_console.print(f"student of teacher layers {','.join(map(str, alignment.copied))} ({origin})", highlight=False)
     _report([result], out, as_json)
 
@@ -212,7 +234,7 @@ def assemble_command(out: Path, as_json: bool) -> None:
     OUT need no assembling; `verify` says when it is needed.
 
     \b
-    Example:
+    Example (from the root of a clone: recipes/ ships with the repository):
       layersplice build --recipe recipes/tiny.yaml --all --sizes 9,10,11,12 --out part-a
       layersplice build --recipe recipes/tiny.yaml --all --sizes 13,14,15,16 --out part-b
       cp -r part-a/. family/ && cp -r part-b/. family/

@@ -19,12 +19,19 @@ from layersplice.planning.job import Job
 from layersplice.planning.plan import PlanSize, SizeTable
 from layersplice.units import format_bytes, format_params
 
+UNTIED_MARK = "*"
+
 
 def progress_bar() -> Progress:
-    """Bytes written so far, on stderr, gone when done."""
+    """Bytes written so far, on stderr, gone when done.
+
+    Off when stderr is not a terminal: there rich draws nothing until the end and
+    then prints an empty line, which would come before an error's line."""
+    console = Console(stderr=True)
     return Progress(
         "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-        TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+        TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True,
+        disable=not console.is_terminal,
     )
 
 
@@ -56,6 +63,7 @@ def plan_json(job: Job, order: str, rows) -> dict:
                 "teacher_blocks": list(plan.teacher_blocks),
                 "embeddings_from": plan.embeddings_from,
                 "head_from": plan.head_from,
+                "untied_head": untied_head(job, plan),
             }
             for keep, plan, k in rows
         ],
@@ -68,14 +76,23 @@ def plan_table(console: Console, job: Job, order: str, rows) -> None:
         f"[bold]{job.pair.teacher.family}[/]: teacher {alignment.n_teacher} layers, student "
         f"{alignment.n_student} layers, order [bold]{order}[/], alignment from {job.alignment_origin}"
     )
-    table = Table(show_lines=False)
+    untied = [untied_head(job, plan) for _, plan, _ in rows]
+    caption = (f"{UNTIED_MARK} stores its own copy of the tied LM head (embeddings and head come from different "
+               "models), so it holds more parameters than its layer count suggests") if any(untied) else None
+    table = Table(show_lines=False, caption=caption, caption_justify="left")
     for column in ("--keep", "--patch", "layers", "parameters", "on disk", "teacher blocks (teacher layers)"):
         table.add_column(column, justify="right" if column != "teacher blocks (teacher layers)" else "left")
-    for keep, plan, k in rows:
+    for (keep, plan, k), mark in zip(rows, untied):
         used = ", ".join(_run(alignment, first, last) for first, last in _runs(plan.teacher_blocks)) or "-"
-        cells = (str(keep), "" if k is None else str(k), str(plan.n_layers), format_params(plan.params), format_bytes(plan.nbytes), used)
+        params = format_params(plan.params) + (UNTIED_MARK if mark else "")
+        cells = (str(keep), "" if k is None else str(k), str(plan.n_layers), params, format_bytes(plan.nbytes), used)
         table.add_row(*map(Text, cells))  # plain Text: no markup parsing or highlighting of hundreds of rows
     console.print(table)
+
+
+def untied_head(job: Job, plan: PlanSize) -> bool:
+    """Whether this size of a family that ties its head stores an untied one (METHOD.md §4, tied embeddings)."""
+    return plan.embeddings_from != plan.head_from and job.layouts[plan.embeddings_from].tied
 
 
 def _runs(blocks: tuple[int, ...]) -> list[tuple[int, int]]:

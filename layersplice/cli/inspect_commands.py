@@ -15,6 +15,9 @@ from layersplice.cli.options import (
     Sources,
     allow_pickle_option,
     announce_target,
+    arch_option,
+    json_option,
+    revision_option,
     source_options,
     target_options,
     with_sources,
@@ -30,18 +33,20 @@ console = Console()
 @click.command()
 @source_options
 @target_options
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@json_option
 @with_sources
 def plan(sources: Sources, params, max_bytes, as_json: bool) -> None:
     """Show every reachable size before writing anything.
 
     One row per --keep value from the student down to the teacher: layers,
-    parameters, bytes on disk and the teacher blocks used.
+    parameters, bytes on disk and the teacher blocks used. A size whose
+    embeddings and head come from different models stores its own copy of a
+    tied head, marked * (untied_head in --json).
 
     With --params or --max-bytes it also names the one size that request picks.
 
     \b
-    Examples:
+    Examples (from the root of a clone: recipes/ ships with the repository):
       layersplice plan --recipe recipes/tiny.yaml
       layersplice plan --recipe recipes/qwen3.yaml --max-bytes 6GiB
     """
@@ -60,9 +65,9 @@ def plan(sources: Sources, params, max_bytes, as_json: bool) -> None:
 
 @click.command()
 @click.argument("path")
-@click.option("--revision", help="Hub revision when PATH is a repo id.")
-@click.option("--arch", "arch_file", type=click.Path(dir_okay=False, path_type=Path), help="Family description YAML for an unknown model.")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@revision_option
+@arch_option
+@json_option
 @allow_pickle_option
 def inspect(path: str, revision, arch_file, as_json: bool, allow_pickle: bool) -> None:
     """Show a checkpoint: family, layers, parameters, dtypes, shards, alignment.
@@ -84,7 +89,7 @@ def inspect(path: str, revision, arch_file, as_json: bool, allow_pickle: bool) -
 @click.option("--allow-extra", "allow_extra", multiple=True, metavar="FILE",
               help="Accept this unlisted file, given relative to PATH (README.md, or m-4L/NOTES.md inside one "
                    "size of a --all directory). Repeat for each file.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout: ok, the models, files and bytes checked, or the problem.")
+@json_option
 def verify(path: Path, against_sources: bool, allow_extra: tuple[str, ...], as_json: bool) -> None:
     """Check an output's integrity; exit 0 only if every check passes.
 
@@ -96,10 +101,11 @@ def verify(path: Path, against_sources: bool, allow_extra: tuple[str, ...], as_j
     records do not list (a stray model.safetensors would be loaded in place
     of the shards), unless --allow-extra names it. For a family, every size
     its parts record (OUT/parts/) must be in manifest.json. The first problem
-    is named and the exit code is 2.
+    is named and the exit code is 2. --json prints ok, the models, files and
+    bytes checked, or the problem.
 
     \b
-    Examples:
+    Examples (out/tiny-12L as `build --recipe recipes/tiny.yaml --layers 12` writes it):
       layersplice verify out/tiny-12L
       layersplice verify sizes/ --against-sources
       layersplice verify sizes/ --json
@@ -126,7 +132,7 @@ def verify(path: Path, against_sources: bool, allow_extra: tuple[str, ...], as_j
 
 @click.command("describe")
 @click.argument("path")
-@click.option("--revision", help="Hub revision when PATH is a repo id.")
+@revision_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the YAML to this file instead of printing it.")
 def describe_command(path: str, revision: str | None, out: Path | None) -> None:
     """Print a family description (YAML) for the model at PATH.

@@ -95,7 +95,7 @@ def cli(debug: bool) -> None:
     """Build any model size between a teacher and its boomerang-distilled student.
 
     \b
-    Typical flow:
+    Typical flow (recipes/ ships with a clone of the repository):
       layersplice inspect ./teacher                 what is in a checkpoint
       layersplice plan --recipe recipes/tiny.yaml   every reachable size
       layersplice build --recipe recipes/tiny.yaml --keep 2

@@ -10,7 +10,22 @@ from rich.console import Console
 from rich.table import Table
 
 from layersplice.cli import display
-from layersplice.cli.options import alignment_specs, allow_pickle_option
+from layersplice.cli.options import (
+    alignment_options,
+    alignment_specs,
+    allow_pickle_option,
+    arch_option,
+    err_console,
+    force_option,
+    hub_owner_option,
+    json_option,
+    model_options,
+    no_card_option,
+    override_alignment_option,
+    recipe_option,
+    shard_size_option,
+    with_options,
+)
 from layersplice.errors import LayerspliceError
 from layersplice.planning.recipe import load_recipe, model_reference
 from layersplice.planning.transfer import BASE, STUDENT, VARIANT, open_transfer
@@ -20,27 +35,22 @@ console = Console()
 
 
 @click.command()
-@click.option("--base-teacher", help="The teacher the student was distilled from (e.g. the Base model): directory or hub id. Default: the recipe's teacher.")
-@click.option("--teacher", required=True, help="The post-trained variant of the base teacher (Instruct, Thinking, domain-tuned): directory or hub id.")
-@click.option("--student", help="The student distilled from the base teacher: directory or hub id. Default: the recipe's student.")
-@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), help="Recipe of the base pair: its teacher is the base teacher; its student and alignment are used.")
-@click.option("--base-teacher-revision", help="Hub revision of the base teacher.")
-@click.option("--teacher-revision", help="Hub revision of the variant.")
-@click.option("--student-revision", help="Hub revision of the student.")
-@click.option("--copied-teacher-layers", help="Teacher layer each student layer was copied from, e.g. 0,2,4,6. Default: the student's student_config.json.")
-@click.option("--first", type=int, help="Alignment rule: leading one-layer blocks.")
-@click.option("--every", type=int, help="Alignment rule: teacher layers per block.")
-@click.option("--last", type=int, help="Alignment rule: trailing one-layer blocks.")
+@recipe_option
+@with_options(*model_options("base-teacher"), *model_options("teacher", required=True), *model_options("student"))
+@alignment_options
+@override_alignment_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the variant's student.")
-@click.option("--shard-size", help="Largest shard, e.g. 5GB (default), 500MB, 2GiB.")
-@click.option("--force", is_flag=True, help="Replace an existing layersplice output at --out.")
+@shard_size_option
+@force_option
+@hub_owner_option
+@no_card_option
 @click.option("--report", is_flag=True, help="Print the cosine similarity of the two changes, per layer and in total.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result, similarity included, as JSON.")
-@click.option("--arch", "arch_file", type=click.Path(dir_okay=False, path_type=Path), help="Family description YAML for a model layersplice does not know.")
+@json_option
+@arch_option
 @allow_pickle_option
-def transfer(base_teacher, teacher, student, recipe, base_teacher_revision, teacher_revision, student_revision,
-             copied_teacher_layers, first, every, last, out, shard_size, force, report, as_json, arch_file,
-             allow_pickle) -> None:
+def transfer(recipe, base_teacher, base_teacher_revision, base_teacher_id, teacher, teacher_revision, teacher_id,
+             student, student_revision, student_id, copied_teacher_layers, first, every, last, override_alignment,
+             out, shard_size, force, hub_owner, no_card, report, as_json, arch_file, allow_pickle) -> None:
     """Give a post-trained variant of the teacher its student, with no distillation.
 
     Distil once from the base teacher B; for a variant V of B (Instruct,
@@ -50,10 +60,13 @@ def transfer(base_teacher, teacher, student, recipe, base_teacher_revision, teac
         init(V) + (S - init(B))
 
     where init(X) is the student init-student makes from X with the student's
-    alignment (ADAPT, the boomerang authors' follow-up). Every tensor is
+    alignment (ADAPT, the boomerang authors' follow-up). --teacher is the
+    variant V; --base-teacher is B, and a --recipe names the base pair (its
+    teacher is B; its student, alignment and ids are used). Every tensor is
     computed in float32 in that order and rounded to the student's dtype,
     streamed chunk by chunk like a --dtype cast. The output is sealed like
-    a build, carries student_config.json and the variant's tokenizer, and
+    a build, with a model card (base_model: V, S and B, a merge) unless
+    --no-card, carries student_config.json and the variant's tokenizer, and
     `build --teacher V --student OUT` then makes every size of the variant.
 
     The cosine similarity between V - B and S - init(B) (in layersplice.json;
@@ -66,10 +79,12 @@ def transfer(base_teacher, teacher, student, recipe, base_teacher_revision, teac
       layersplice transfer --base-teacher Qwen/Qwen3-4B-Base --teacher Qwen/Qwen3-4B-Instruct-2507 \\
           --student Harvard-DCML/boomerang-qwen3-2.3B --out qwen3-instruct-student --report
       layersplice build --teacher Qwen/Qwen3-4B-Instruct-2507 --student qwen3-instruct-student --all --out sizes/
-      layersplice transfer --recipe recipes/tiny.yaml --teacher ./tiny-teacher-code --out tiny-code-student
+      layersplice transfer --recipe recipes/tiny.yaml --teacher VARIANT --out variant-student
+        (VARIANT: fixtures/tiny-teacher after your own fine-tuning, from the root of a clone)
     """
     references = {BASE: base_teacher, VARIANT: teacher, STUDENT: student}
     revisions = {BASE: base_teacher_revision, VARIANT: teacher_revision, STUDENT: student_revision}
+    hub_ids = {BASE: base_teacher_id, VARIANT: teacher_id, STUDENT: student_id}
     specs = alignment_specs(copied_teacher_layers, first, every, last)
     if recipe is not None:
         parsed, root = load_recipe(recipe)
@@ -77,18 +92,23 @@ def transfer(base_teacher, teacher, student, recipe, base_teacher_revision, teac
         references[STUDENT] = student or model_reference(parsed.student, root)
         revisions[BASE] = base_teacher_revision or parsed.teacher_revision
         revisions[STUDENT] = student_revision or parsed.student_revision
+        hub_ids[BASE] = base_teacher_id or parsed.teacher_id
+        hub_ids[STUDENT] = student_id or parsed.student_id
         specs.append(parsed.alignment.spec(f"recipe {recipe}"))
         shard_size = shard_size or parsed.shard_size
+        hub_owner = hub_owner or parsed.hub_owner
     if references[BASE] is None or references[STUDENT] is None:
         raise LayerspliceError("name the base pair: --base-teacher B --student S, or --recipe recipes/NAME.yaml")
-    planned = open_transfer(references, revisions, specs, arch_file, allow_pickle)
+    planned = open_transfer(references, revisions, specs, arch_file, allow_pickle, override_alignment, hub_ids)
+    for note in planned.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
 
     from layersplice.output.transfer import write_transfer
 
     with display.progress_bar() as progress:
         task = progress.add_task(f"writing {out}", total=planned.nbytes)
         result = write_transfer(planned, out, parse_bytes(shard_size or "5GB"), force,
-                                lambda n: progress.advance(task, n))
+                                lambda n: progress.advance(task, n), card=not no_card, hub_owner=hub_owner)
     summary = {
         "out": str(out),
         "sources": planned.describe_sources(),

@@ -181,6 +181,11 @@ class EvalRequest:
     max_tokens: int | None = None
     device: str = "auto"
     text_field: str = "text"
+    data_name: str | None = None  # how reports and cards name the data; default: the file's name
+
+    @property
+    def data_label(self) -> str:
+        return self.data_name or (self.data.name if self.data is not None else "")
 
 
 @dataclass(frozen=True)
@@ -208,7 +213,7 @@ def family_models(job: Job, order: Order, request: EvalRequest) -> FamilyModels:
     if request.models_dir is None:
         model_for = loaded.model
     else:
-        model_for = built_model_loader(request.models_dir, sizes, dtype, device)
+        sizes, model_for = built_model_loader(request.models_dir, sizes, dtype, device, request.sizes == "all")
     return FamilyModels(sizes, model_for, loaded, job.pair.alignment.n_student)
 
 
@@ -226,8 +231,11 @@ def evaluate_family(job: Job, order: Order, request: EvalRequest, on_size=None) 
     return results, meta
 
 
-def built_model_loader(directory: Path, sizes: list[tuple[int | None, Plan]], dtype: torch.dtype, device: torch.device):
-    """A model_for that reads each size from a `build --all` output (checked against its manifest)."""
+def built_model_loader(directory: Path, sizes: list[tuple[int | None, Plan]], dtype: torch.dtype, device: torch.device,
+                       held_only: bool = False):
+    """(the sizes, a model_for that reads each from a `build --all` output, checked against its manifest).
+
+    `held_only`: of `sizes`, keep those the output holds (a family built in part), instead of requiring all."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
@@ -236,6 +244,8 @@ def built_model_loader(directory: Path, sizes: list[tuple[int | None, Plan]], dt
     if problem:
         raise LayerspliceError(f"--models {directory}: {problem}; give the output of `layersplice build --all`")
     by_blocks = {tuple(entry["patched_blocks"]): directory / entry["directory"] for entry in manifest["sizes"]}
+    if held_only:
+        sizes = [size for size in sizes if size[1].teacher_blocks in by_blocks] or sizes
     for _, plan in sizes:
         if plan.teacher_blocks not in by_blocks:
             raise LayerspliceError(
@@ -247,4 +257,4 @@ def built_model_loader(directory: Path, sizes: list[tuple[int | None, Plan]], dt
         model = AutoModelForCausalLM.from_pretrained(by_blocks[plan.teacher_blocks], dtype=dtype)
         return model.to(device).eval().requires_grad_(False)
 
-    return load
+    return sizes, load

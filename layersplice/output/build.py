@@ -100,6 +100,8 @@ def _provenance(job: Job, plan: Plan, choice: dict, rewritten: dict[str, str], f
         ],
         "per_layer_config": rewritten,
         "parameters": plan.params,
+        # The card loads the size from this Hub repo owner: a size kept from an earlier run must agree.
+        **({"hub_owner": job.hub_owner} if job.hub_owner else {}),
         "files": files,
     }
 
@@ -260,12 +262,12 @@ def _verified_files(job: Job, plan: Plan, choice: dict, directory: Path, card: b
 def init_student(
     teacher: Checkpoint, layout: Layout, alignment: Alignment, origin: str, out: Path,
     cast: str | None, shard_size: int, force: bool, progress: ProgressFn | None = None, card: bool = True,
-    *, inputs: Inputs,
+    *, inputs: Inputs, hub_owner: str | None = None,
 ) -> Built:
     """Stream the kept teacher layers into a new student checkpoint (METHOD.md §2)."""
     plan = student_init_plan(layout, alignment, cast)
     config, rewritten = spliced_config({TEACHER: layout}, plan, {TEACHER: teacher.config}, cast)
-    text = student_init_card(teacher, alignment, plan, config, cast, shard_size, out.name) if card else None
+    text = student_init_card(teacher, alignment, plan, config, cast, shard_size, out.name, hub_owner) if card else None
     with atomic_directory(out, force, inputs=inputs) as tmp, SourceFiles() as sources:
         files = write_checkpoint(tmp, plan.tensors, config, teacher.directory, shard_size, sources, progress, text,
                                  {STUDENT_CONFIG_NAME: alignment.student_config()})

@@ -8,12 +8,10 @@ ModelCard/ModelCardData, offline: no template download, no network.
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 
-from layersplice.checkpoint.source import Checkpoint
+from layersplice.checkpoint.source import COMMIT, Checkpoint
 from layersplice.planning.alignment import Alignment
 from layersplice.planning.job import Job
 from layersplice.planning.plan import Plan
@@ -34,7 +32,6 @@ PIPELINES = (
     ("ForQuestionAnswering", "question-answering", "AutoModelForQuestionAnswering"),
     ("Model", "feature-extraction", "AutoModel"),
 )
-COMMIT = re.compile(r"[0-9a-f]{40}")
 DTYPE_OPTIONS = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
 
 
@@ -48,11 +45,18 @@ class CardFacts:
     plan: Plan
     config: dict
     command: list[str]
+    hub_owner: str | None = None  # where the output will be uploaded, as OWNER/name
+    made_of: str | None = None  # how every tensor was made, when not copied from the plan's models
+
+    @property
+    def repo(self) -> str:
+        """What from_pretrained loads: the Hub repo the output will be uploaded to, else its folder."""
+        return f"{self.hub_owner}/{self.name}" if self.hub_owner else self.name
 
 
-def is_hub_id(checkpoint: Checkpoint) -> bool:
-    """A checkpoint named by a Hub repo id (resolved through the cache), not by a local path."""
-    return Path(checkpoint.reference).expanduser() != checkpoint.directory
+def shown_name(checkpoint: Checkpoint) -> str:
+    """How a card names a model: its Hub repo id when it has one, else the path it was read from."""
+    return checkpoint.hub_name or checkpoint.reference
 
 
 def pipeline_of(config: dict) -> tuple[str | None, str]:
@@ -80,7 +84,7 @@ def teacher_license(teacher: Checkpoint) -> str | None:
 
 def render(facts: CardFacts, license_: str | None) -> str:
     """The card's text: YAML front matter, then the body."""
-    hub_ids = [c.reference for c in facts.base_models if is_hub_id(c)]
+    hub_ids = [c.hub_name for c in facts.base_models if c.hub_name]
     return _card(facts.config, hub_ids, "merge", license_, _body(facts))
 
 
@@ -106,15 +110,18 @@ def _card(config: dict, hub_ids: list[str], relation: str, license_: str | None,
 def _body(facts: CardFacts) -> str:
     plan = facts.plan
     rows = "\n".join(
-        f"| {layer.index} | {layer.model} | {layer.source_layer} | {layer.block} |" for layer in plan.layers
+        f"| {layer.index} | {facts.made_of or layer.model} | {layer.source_layer} | {layer.block} |"
+        for layer in plan.layers
     )
+    sources = f"Every tensor is {facts.made_of}" if facts.made_of else (
+        f"Embeddings from the {plan.embeddings_from}; final norm and head from the {plan.head_from}")
     return f"""# {facts.name}
 
 {facts.what}
 
 - Layers: {plan.n_layers}
 - Parameters: {format_params(plan.params)} ({plan.params:,})
-- Embeddings from the {plan.embeddings_from}; final norm and head from the {plan.head_from}
+- {sources}
 
 ## Where every layer came from
 
@@ -128,21 +135,30 @@ def _body(facts: CardFacts) -> str:
 {shlex.join(facts.command)}
 ```
 
-{_usage(facts.name, facts.config)}"""
+{_usage(facts.name, facts.repo, facts.hub_owner is not None, facts.config)}"""
 
 
-def _usage(name: str, config: dict) -> str:
-    """The end of every card: how to check the files and how to load the model."""
+def _usage(name: str, repo: str, uploaded: bool, config: dict) -> str:
+    """The end of every card: how to check the files and how to load the model.
+
+    `repo` is what from_pretrained loads: the Hub repo the output will be
+    uploaded to (`uploaded`), else its folder `name`."""
     _, auto = pipeline_of(config)
-    return f"""`layersplice verify {shlex.quote(name)}` re-checks every file against the sealed `layersplice.json`.
+    quoted = shlex.quote(name)
+    download = f"hf download {repo} --local-dir {quoted}\n" if uploaded else ""
+    return f"""`layersplice verify` re-checks every file against the sealed `layersplice.json`:
+
+```bash
+{download}layersplice verify {quoted}
+```
 
 ## Use it
 
 ```python
 from transformers import {auto}, AutoTokenizer
 
-model = {auto}.from_pretrained("{name}")
-tokenizer = AutoTokenizer.from_pretrained("{name}")
+model = {auto}.from_pretrained("{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
 ```
 """
 
@@ -152,10 +168,11 @@ def source_arguments(checkpoint: Checkpoint, option: str, revision_option: str) 
 
     A Hub model is pinned to the commit that was read (the name of its
     snapshot folder in the cache), so the command rebuilds these very bytes
-    after the repository moves on."""
-    arguments = [option, checkpoint.reference]
+    after the repository moves on. A local copy declared to be a Hub repo is
+    named by that repo (and the revision declared for it)."""
+    arguments = [option, shown_name(checkpoint)]
     revision = checkpoint.revision
-    if is_hub_id(checkpoint) and COMMIT.fullmatch(checkpoint.directory.name):
+    if checkpoint.from_hub and COMMIT.fullmatch(checkpoint.directory.name):
         revision = checkpoint.directory.name
     if revision:
         arguments += [revision_option, revision]
@@ -171,8 +188,8 @@ def output_arguments(cast: str | None, shard_size: int, out: str) -> list[str]:
 
 def interpolated_what(teacher: Checkpoint, student: Checkpoint, n_teacher: int, n_student: int) -> str:
     return (
-        f"A size between the teacher `{teacher.reference}` ({n_teacher} layers) and its student "
-        f"`{student.reference}` ({n_student} layers), made by "
+        f"A size between the teacher `{shown_name(teacher)}` ({n_teacher} layers) and its student "
+        f"`{shown_name(student)}` ({n_student} layers), made by "
         f"[boomerang distillation]({PAPER}) interpolation: each student block is either kept or "
         "replaced by the teacher layers it was distilled to stand for. No training: every tensor is "
         "copied byte for byte (or cast) from the teacher or the student by `layersplice build`."
@@ -181,7 +198,7 @@ def interpolated_what(teacher: Checkpoint, student: Checkpoint, n_teacher: int, 
 
 def student_init_what(teacher: Checkpoint, copied: tuple[int, ...]) -> str:
     return (
-        f"The initial student for [boomerang distillation]({PAPER}) of `{teacher.reference}`: teacher "
+        f"The initial student for [boomerang distillation]({PAPER}) of `{shown_name(teacher)}`: teacher "
         f"layers {','.join(map(str, copied))} copied, with the teacher's embeddings, final norm and head. "
         "It is not distilled yet; train it with `layersplice distill` before interpolating."
     )
@@ -199,18 +216,18 @@ def build_card(job: Job, plan: Plan, config: dict, shard_size: int, name: str) -
         *output_arguments(job.cast, shard_size, name),
     ]
     what = interpolated_what(job.teacher, job.student, alignment.n_teacher, alignment.n_student)
-    facts = CardFacts(name, what, (job.teacher, job.student), plan, config, command)
+    facts = CardFacts(name, what, (job.teacher, job.student), plan, config, command, job.hub_owner)
     return render(facts, teacher_license(job.teacher))
 
 
 def student_init_card(teacher: Checkpoint, alignment: Alignment, plan: Plan, config: dict, cast: str | None,
-                      shard_size: int, name: str) -> str:
+                      shard_size: int, name: str, hub_owner: str | None = None) -> str:
     """The card of an initial student, with the `init-student` command that writes exactly it."""
     command = [
-        "layersplice", "init-student", *source_arguments(teacher, "--teacher", "--revision"),
+        "layersplice", "init-student", *source_arguments(teacher, "--teacher", "--teacher-revision"),
         "--copied-teacher-layers", ",".join(map(str, alignment.copied)), *output_arguments(cast, shard_size, name),
     ]
-    facts = CardFacts(name, student_init_what(teacher, alignment.copied), (teacher,), plan, config, command)
+    facts = CardFacts(name, student_init_what(teacher, alignment.copied), (teacher,), plan, config, command, hub_owner)
     return render(facts, teacher_license(teacher))
 
 
@@ -243,8 +260,8 @@ def distilled_card(facts: DistilledFacts) -> str:
            else "Through the Python API (`layersplice.distill.loop.distill`), not the command line.")
     body = f"""# {facts.name}
 
-The student of `{facts.teacher.reference}` ({alignment.n_teacher} layers) trained by
-[boomerang distillation]({PAPER}) from the initial student `{facts.student.reference}` (teacher layers
+The student of `{shown_name(facts.teacher)}` ({alignment.n_teacher} layers) trained by
+[boomerang distillation]({PAPER}) from the initial student `{shown_name(facts.student)}` (teacher layers
 {','.join(map(str, alignment.copied))}, copied by `layersplice init-student`), with cross-entropy, KL to
 the teacher's logits and the cosine between its hidden states and the teacher's at the end of each
 block. Every size between it and the teacher can be built from the pair with no further training.
@@ -267,6 +284,6 @@ layersplice build {pair} --all --out {shlex.quote(facts.name + '-sizes')}
 Every setting of the run, and the sources it read, are in the sealed `layersplice.json`; the loss at
 every step is in `metrics.jsonl`.
 
-{_usage(facts.name, facts.config)}"""
-    hub_ids = [facts.teacher.reference] if is_hub_id(facts.teacher) else []
+{_usage(facts.name, facts.name, False, facts.config)}"""
+    hub_ids = [facts.teacher.hub_name] if facts.teacher.hub_name else []
     return _card(facts.config, hub_ids, "finetune", teacher_license(facts.teacher), body, list(facts.datasets))

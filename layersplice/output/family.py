@@ -134,6 +134,20 @@ def refresh_parts(out: Path) -> dict:
     return assemble(out)
 
 
+def family_record(out: Path) -> tuple[dict, Path, dict]:
+    """(the models a family was built from, the layersplice.json of its first size, that record)."""
+    manifest, problem = read_sealed(out / MANIFEST_FILE)
+    if problem:
+        raise FamilyProblem(problem)
+    if not manifest["sizes"]:
+        raise FamilyProblem(f"{MANIFEST_FILE} lists no size")
+    path = out / manifest["sizes"][0]["directory"] / PROVENANCE_FILE
+    record, problem = read_sealed(path)
+    if problem:
+        raise FamilyProblem(f"{path}: {problem}")
+    return manifest["sources"], path, record
+
+
 def assembly_problem(out: Path, manifest: dict) -> str | None:
     """Why OUT's manifest is not the whole family its parts and size directories hold, or None."""
     try:

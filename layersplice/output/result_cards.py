@@ -10,6 +10,7 @@ records and the manifest are re-derived (family.py). `verify` passes after.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,14 @@ from layersplice.output.family import (
 )
 
 
+RESULTS_HEADING = "## Evaluation results"
+
+
 @dataclass(frozen=True)
 class Score:
-    """One result of one size: perplexity on a file, or a metric of an lm-eval task."""
+    """One result of one size: perplexity on a text, or a metric of an lm-eval task."""
 
-    dataset: str
+    dataset: str  # as the card names it: eval's --data-name, or the task
     metric: str
     value: float
 
@@ -59,21 +63,40 @@ def write_eval_cards(family: Path, scores: dict[int, list[Score]]) -> list[Path]
 
 
 def card_with_results(text: str, name: str, results: list[Score]) -> str:
-    """The card text with `results` as model-index entries, replacing earlier ones of the same dataset and metric."""
+    """The card text with `results` as model-index entries, replacing earlier ones of the same dataset and
+    metric, and every entry as a table in the body."""
     from huggingface_hub import EvalResult, ModelCard
 
     card = ModelCard(text)
     task = card.data.pipeline_tag or "text-generation"
     new = [
-        EvalResult(task_type=task, dataset_type=s.dataset, dataset_name=s.dataset, metric_type=s.metric,
-                   metric_value=s.value)
+        EvalResult(task_type=task, dataset_type=dataset_type(s.dataset), dataset_name=s.dataset,
+                   metric_type=s.metric, metric_value=s.value)
         for s in results
     ]
     replaced = {(r.dataset_type, r.metric_type) for r in new}
     kept = [r for r in card.data.eval_results or [] if (r.dataset_type, r.metric_type) not in replaced]
     card.data.eval_results = kept + new
     card.data.model_name = card.data.model_name or name
+    card.text = _with_results_table(card.text, card.data.eval_results)
     return str(card)
+
+
+def dataset_type(name: str) -> str:
+    """The model-index dataset `type`: an identifier made of the dataset's name ('WikiText-2 test' -> 'wikitext-2-test')."""
+    return re.sub(r"[^a-z0-9._]+", "-", name.lower()).strip("-") or "text"
+
+
+def _with_results_table(body: str, results: list) -> str:
+    """The body with its results section (re)written from every model-index entry, before the first other section."""
+    rows = "\n".join(f"| {r.dataset_name} | {r.metric_type} | {r.metric_value:.4f} |" for r in results)
+    section = f"{RESULTS_HEADING}\n\n| dataset | metric | value |\n|---|---|---:|\n{rows}\n\n"
+    start = body.find(RESULTS_HEADING)
+    if start >= 0:
+        end = body.find("\n## ", start + len(RESULTS_HEADING))
+        return body[:start] + section + (body[end + 1:] if end >= 0 else "")
+    first = body.find("\n## ")
+    return body + "\n" + section if first < 0 else body[:first + 1] + section + body[first + 1:]
 
 
 def _reseal_with_results(directory: Path, results: list[Score]) -> None:

@@ -15,11 +15,15 @@ from layersplice.checkpoint.delta import Products
 from layersplice.checkpoint.sealed_json import write_sealed
 from layersplice.checkpoint.writer import ProgressFn, SourceFiles
 from layersplice.output.build import write_checkpoint
+from layersplice.output.card import (
+    CARD_FILE, PAPER, CardFacts, output_arguments, render, shown_name, source_arguments, teacher_license,
+)
+from layersplice.output.family import file_record
 from layersplice.output.verify import PROVENANCE_FILE
 from layersplice.planning.alignment import STUDENT_CONFIG_NAME
 from layersplice.planning.configs import spliced_config
 from layersplice.planning.plan import TEACHER
-from layersplice.planning.transfer import EMBEDDINGS, HEAD, VARIANT, Transfer
+from layersplice.planning.transfer import BASE, EMBEDDINGS, HEAD, STUDENT, VARIANT, Transfer
 
 KIND = "transfer"
 FORMULA = (
@@ -83,8 +87,9 @@ class Transferred:
 
 def write_transfer(
     transfer: Transfer, out: Path, shard_size: int, force: bool, progress: ProgressFn | None = None,
+    card: bool = True, hub_owner: str | None = None,
 ) -> Transferred:
-    """Stream every output tensor into `out`, atomically, with config, tokenizer and provenance."""
+    """Stream every output tensor into `out`, atomically, with config, tokenizer, model card and provenance."""
     similarity = Similarity()
     tensors = [dataclasses.replace(t, sink=similarity.add) for t in transfer.tensors]
     variant = transfer.models[VARIANT]
@@ -99,6 +104,10 @@ def write_transfer(
         files = write_checkpoint(tmp, tensors, config, variant.checkpoint.directory, shard_size, sources, progress,
                                  extra_json={STUDENT_CONFIG_NAME: transfer.alignment.student_config()})
         summary = similarity.summary(transfer)
+        if card:  # written once the similarity, which it reports, is known
+            (tmp / CARD_FILE).write_text(
+                transfer_card(transfer, config, shard_size, out.name, summary["total"], hub_owner), encoding="utf-8")
+            files = {**files, CARD_FILE: file_record(tmp / CARD_FILE)}
         write_sealed(tmp / PROVENANCE_FILE, {
             "layersplice_version": __version__,
             "kind": KIND,
@@ -116,3 +125,29 @@ def write_transfer(
             "files": files,
         })
     return Transferred(out, files, summary, transfer.params)
+
+
+def transfer_card(transfer: Transfer, config: dict, shard_size: int, name: str, cosine: float | None,
+                  hub_owner: str | None) -> str:
+    """The card of a transferred student: a merge of the variant, the student and the base teacher."""
+    base, variant, student = (transfer.models[role].checkpoint for role in (BASE, VARIANT, STUDENT))
+    command = [
+        "layersplice", "transfer", *source_arguments(base, "--base-teacher", "--base-teacher-revision"),
+        *source_arguments(variant, "--teacher", "--teacher-revision"),
+        *source_arguments(student, "--student", "--student-revision"),
+        "--copied-teacher-layers", ",".join(map(str, transfer.alignment.copied)),
+        *output_arguments(None, shard_size, name),
+    ]
+    agreement = "n/a (the variant equals the base teacher)" if cosine is None else f"{cosine:.4f}"
+    what = (
+        f"The student of `{shown_name(variant)}` for [boomerang distillation]({PAPER}), made with no training "
+        f"by `layersplice transfer` (ADAPT): the student `{shown_name(student)}` was distilled from the base "
+        f"teacher `{shown_name(base)}`, and every tensor here is the variant's plus what distillation changed, "
+        f"teacher + (student - base teacher), at the layers the student keeps. The cosine similarity of the "
+        f"variant's change and the distilled change is {agreement} (the lower, the less the transfer can be "
+        f"trusted). Every size of the variant's family: `layersplice build --teacher {shown_name(variant)} "
+        f"--student {name} --all`."
+    )
+    facts = CardFacts(name, what, (variant, student, base), transfer.variant_init, config, command, hub_owner,
+                      made_of="teacher + (student - base teacher)")
+    return render(facts, teacher_license(variant))

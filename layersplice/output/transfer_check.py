@@ -19,7 +19,8 @@ def replan_transfer(provenance: dict, source_ref) -> tuple[DeltaTensor, ...]:
     sources = provenance["sources"]
     references = {role: source_ref(sources[role]) for role in (BASE, VARIANT, STUDENT)}
     spec = AlignmentSpec(copied=tuple(provenance["alignment"]["copied_teacher_layers"]), origin="the provenance")
-    return open_transfer(references, {}, [spec]).tensors
+    # The recorded alignment is what was built, even where --override-alignment chose it over the student's record.
+    return open_transfer(references, {}, [spec], override_alignment=True).tensors
 
 
 def recomputes(item: DeltaTensor, out: TensorInfo) -> bool:

@@ -39,7 +39,9 @@ def _replan(provenance: dict) -> list[PlannedTensor]:
         aligned = Alignment(tuple(alignment["copied_teacher_layers"]), layout.n_layers)
         return list(student_init_plan(layout, aligned, cast).tensors)
     spec = AlignmentSpec(copied=tuple(alignment["copied_teacher_layers"]), origin="the provenance")
-    job = open_job(_source_ref(sources["teacher"]), _source_ref(sources["student"]), [spec], cast)
+    # The recorded alignment is what was built, even where --override-alignment chose it over the student's record.
+    job = open_job(_source_ref(sources["teacher"]), _source_ref(sources["student"]), [spec], cast,
+                   override_alignment=True)
     return list(make_plan(job.pair, frozenset(provenance["patched_blocks"]), cast).tensors)
 
 

@@ -152,3 +152,32 @@ def resolve_alignment(
         "no alignment given: pass --copied-teacher-layers 0,2,4,... or --first/--every/--last, "
         "set 'alignment' in the recipe, or give a student with student_config.json"
     )
+
+
+def student_alignment(
+    specs: list[AlignmentSpec], n_teacher: int, student_dir: Path, override: bool = False
+) -> tuple[Alignment, str, str | None]:
+    """The alignment of the first spec that says something, else the student's own record.
+
+    A spec that contradicts the student's student_config.json would splice
+    the wrong layers with nothing else to notice (the layer count can be the
+    same), so it is refused unless `override`. Returns (alignment, where it
+    came from, a note when an override replaced the record)."""
+    recorded = read_student_config(student_dir)
+    record = str(student_dir / STUDENT_CONFIG_NAME)
+    own = [AlignmentSpec(copied=recorded, origin=record)] if recorded is not None else []
+    alignment, origin = resolve_alignment([*specs, *own], n_teacher, None)
+    if recorded is None or alignment.copied == recorded:
+        return alignment, origin, None
+    shown = f"{origin} keeps teacher layers {_layers(alignment.copied)}, but {record} records {_layers(recorded)}"
+    if not override:
+        raise AlignmentError(
+            f"the alignment from {shown}, the layers this student was made from; splicing with another alignment "
+            "pairs the wrong layers. Drop the alignment options (or the recipe's alignment), or pass "
+            "--override-alignment if the student's record is wrong"
+        )
+    return alignment, origin, f"--override-alignment: the alignment from {shown}; using the former"
+
+
+def _layers(copied: tuple[int, ...]) -> str:
+    return ",".join(map(str, copied))

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layersplice.architectures.layout import Layout, layout_of
-from layersplice.checkpoint.source import Checkpoint, open_checkpoint
-from layersplice.planning.alignment import STUDENT_CONFIG_NAME, AlignmentSpec, read_student_config, resolve_alignment
+from layersplice.checkpoint.source import Checkpoint, declare_hub_id, open_checkpoint
+from layersplice.planning.alignment import AlignmentSpec, student_alignment
 from layersplice.planning.plan import STUDENT, TEACHER, Pair, check_pair
 
 
@@ -19,6 +19,7 @@ class Job:
     alignment_origin: str
     cast: str | None
     warnings: tuple[str, ...] = ()
+    hub_owner: str | None = None  # the Hub user or organization the outputs go to, for their cards
 
     def checkpoint(self, model: str) -> Checkpoint:
         return self.teacher if model == TEACHER else self.student
@@ -43,29 +44,21 @@ def open_job(
     revisions: tuple[str | None, str | None] = (None, None),
     arch_file: Path | None = None,
     allow_pickle: bool = False,
+    override_alignment: bool = False,
+    hub_ids: tuple[str | None, str | None] = (None, None),
 ) -> Job:
-    t_ckpt = open_checkpoint(teacher, revisions[0], allow_pickle)
-    s_ckpt = open_checkpoint(student, revisions[1], allow_pickle)
+    """`override_alignment`: accept an alignment that contradicts the student's student_config.json.
+    `hub_ids`: the Hub repos local copies of the teacher and student came from (--teacher-id, --student-id)."""
+    t_ckpt = declare_hub_id(open_checkpoint(teacher, revisions[0], allow_pickle), hub_ids[0], "--teacher-id")
+    s_ckpt = declare_hub_id(open_checkpoint(student, revisions[1], allow_pickle), hub_ids[1], "--student-id")
     t_layout = layout_of(t_ckpt, arch_file)
     s_layout = layout_of(s_ckpt, arch_file)
-    # Read once: it is the last alignment source, and what an overriding alignment is compared with.
-    recorded = read_student_config(s_ckpt.directory)
-    own = [AlignmentSpec(copied=recorded, origin=str(s_ckpt.directory / STUDENT_CONFIG_NAME))] if recorded is not None else []
-    alignment, origin = resolve_alignment([*specs, *own], t_layout.n_layers, None)
+    alignment, origin, overridden = student_alignment(specs, t_layout.n_layers, s_ckpt.directory, override_alignment)
     pair = check_pair(t_layout, s_layout, alignment, cast)
-    notes = _disagreement(recorded, alignment.copied, origin)
+    notes = (overridden,) if overridden else ()
     if t_layout.inferred and t_layout.per_layer_lists:
         notes += (f"inferred family: treating {', '.join(t_layout.per_layer_lists)} as per-layer lists",)
     return Job(t_ckpt, s_ckpt, pair, origin, cast, notes)
-
-
-def _disagreement(recorded: tuple[int, ...] | None, copied: tuple[int, ...], origin: str) -> tuple[str, ...]:
-    if recorded is None or tuple(recorded) == copied:
-        return ()
-    return (
-        f"the alignment from {origin} ({list(copied)}) overrides the student's own "
-        f"student_config.json ({list(recorded)})",
-    )
 
 
 def single_layout(

@@ -45,6 +45,9 @@ class Recipe:
     student: str
     teacher_revision: str | None = None
     student_revision: str | None = None
+    teacher_id: str | None = None  # the Hub repo a local teacher is a copy of, for the cards
+    student_id: str | None = None
+    hub_owner: str | None = None  # where the sizes will be uploaded: cards load them as hub_owner/<folder>
     alignment: RecipeAlignment = field(default_factory=RecipeAlignment)
     order: Literal["last", "first"] = "last"
     out: str = DEFAULT_OUT

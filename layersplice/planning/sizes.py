@@ -47,6 +47,7 @@ class Target:
     keep: int | None
     plan: Plan
     reason: str
+    warning: str | None = None  # the request lies outside what the family holds
 
 
 def pick_target(job: Job, order: Order, params: str | None, max_bytes: str | None) -> Target:
@@ -57,7 +58,7 @@ def pick_target(job: Job, order: Order, params: str | None, max_bytes: str | Non
     if params is not None:
         wanted = parse_params(params)
         keep, plan = min(sizes, key=lambda size: (abs(size[1].params - wanted), size[1].params))
-        return Target(keep, plan, f"nearest --params {params}")
+        return Target(keep, plan, f"nearest --params {params}", _outside(params, wanted, [p for _, p in sizes]))
     budget = parse_bytes(max_bytes)
     fitting = [size for size in sizes if size[1].nbytes <= budget]
     if not fitting:
@@ -68,6 +69,17 @@ def pick_target(job: Job, order: Order, params: str | None, max_bytes: str | Non
         )
     keep, plan = max(fitting, key=lambda size: size[1].nbytes)
     return Target(keep, plan, f"largest within --max-bytes {max_bytes}")
+
+
+def _outside(params: str, wanted: int, plans: list[Plan]) -> str | None:
+    """Why --params names no size of this family, or None when it lies within the family's range."""
+    smallest, largest = min(p.params for p in plans), max(p.params for p in plans)
+    if smallest <= wanted <= largest:
+        return None
+    return (
+        f"--params {params} is outside this family, whose sizes hold {format_params(smallest)} to "
+        f"{format_params(largest)} parameters; the nearest size is picked, far from what was asked"
+    )
 
 
 def describe_target(target: Target) -> str:

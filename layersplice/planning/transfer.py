@@ -11,15 +11,16 @@ output tensor, the three source tensors it is computed from.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from layersplice.architectures.layout import Layout, layout_of
 from layersplice.checkpoint.delta import DeltaTensor
 from layersplice.checkpoint.safetensors_format import FLOAT_DTYPES
-from layersplice.checkpoint.source import Checkpoint, open_checkpoint
+from layersplice.checkpoint.source import Checkpoint, declare_hub_id, open_checkpoint
 from layersplice.errors import AlignmentError
-from layersplice.planning.alignment import Alignment, AlignmentSpec, resolve_alignment
+from layersplice.planning.alignment import Alignment, AlignmentSpec, student_alignment
 from layersplice.planning.plan import Plan, check_pair, student_init_plan
 
 BASE, VARIANT, STUDENT = "base_teacher", "teacher", "student"
@@ -46,6 +47,7 @@ class Transfer:
     tensors: tuple[DeltaTensor, ...]
     groups: dict[str, str]  # output tensor -> "embeddings", "head" or the student layer's index
     variant_init: Plan  # init(V): the layers and names the output config describes
+    notes: tuple[str, ...] = ()  # for the user, e.g. that --override-alignment replaced the student's record
 
     @property
     def nbytes(self) -> int:
@@ -61,15 +63,23 @@ class Transfer:
 
 def open_transfer(
     references: dict[str, str], revisions: dict[str, str | None], specs: list[AlignmentSpec],
-    arch_file: Path | None = None, allow_pickle: bool = False,
+    arch_file: Path | None = None, allow_pickle: bool = False, override_alignment: bool = False,
+    hub_ids: dict[str, str | None] | None = None,
 ) -> Transfer:
-    """Open base teacher, variant and student (paths or hub ids) and plan the transfer."""
+    """Open base teacher, variant and student (paths or hub ids) and plan the transfer.
+
+    `override_alignment`: accept an alignment that contradicts the student's student_config.json.
+    `hub_ids`: the Hub repo each role's local copy came from (--base-teacher-id, --teacher-id, --student-id)."""
     models = {}
     for role in (BASE, VARIANT, STUDENT):
         checkpoint = open_checkpoint(references[role], revisions.get(role), allow_pickle)
+        checkpoint = declare_hub_id(checkpoint, (hub_ids or {}).get(role), f"--{role.replace('_', '-')}-id")
         models[role] = Model(checkpoint, layout_of(checkpoint, arch_file))
-    alignment, origin = resolve_alignment(specs, models[BASE].layout.n_layers, models[STUDENT].checkpoint.directory)
-    return plan_transfer(models, alignment, origin)
+    alignment, origin, overridden = student_alignment(
+        specs, models[BASE].layout.n_layers, models[STUDENT].checkpoint.directory, override_alignment
+    )
+    planned = plan_transfer(models, alignment, origin)
+    return dataclasses.replace(planned, notes=(overridden,)) if overridden else planned
 
 
 def plan_transfer(models: dict[str, Model], alignment: Alignment, origin: str) -> Transfer:
