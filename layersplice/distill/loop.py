@@ -16,7 +16,7 @@ import time
 import torch
 
 from layersplice.distill import parallel
-from layersplice.distill.checkpoints import check_out, export_student, load_checkpoint, save_checkpoint
+from layersplice.distill.checkpoints import begin, export_student, load_checkpoint, save_checkpoint
 from layersplice.distill.config import DistillConfig
 from layersplice.distill.data import Batch, DistillData, load_data
 from layersplice.distill.chunked import chunked_logit_losses
@@ -157,7 +157,7 @@ def distill(config: DistillConfig) -> None:
 
 def _run(config: DistillConfig, world: World) -> None:
     config.accumulation_steps(world.size)  # refuses a global batch the processes cannot share
-    parallel.decided_on_main(lambda: check_out(config), world)
+    record = begin(config, world)  # checks --out; on --resume, verifies the checkpoint
     torch.manual_seed(config.data.seed + world.rank)
     models = load_models(config, world)
     data = load_data(config.data, models.tokenizer, models.teacher.config.vocab_size)
@@ -165,7 +165,7 @@ def _run(config: DistillConfig, world: World) -> None:
     scheduler = build_scheduler(optimizer, config)
     step = 0
     if config.resume:
-        restored = load_checkpoint(config, models.student, optimizer, scheduler, world)
+        restored = load_checkpoint(config, models.student, optimizer, scheduler, world, record)
         step = restored["step"]
         data.train.load_state_dict(restored["data"])
     evaluating = len(data.val.ids) > 0 and config.eval_every > 0
@@ -186,7 +186,7 @@ def _run(config: DistillConfig, world: World) -> None:
                 log.record({"step": step} | evaluate(models, data, config, world))
             if config.save_every and step % config.save_every == 0:
                 save_checkpoint(config, step, models.student, optimizer, scheduler,
-                                data.train.state_dict(), world)
+                                data.train.state_dict(), world, record)
     export_student(config, models.student, models.stored_dtype, world)
 
 
