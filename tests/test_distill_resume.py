@@ -3,7 +3,13 @@ weights, damaged checkpoints, another teacher or student, changed settings."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +17,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from test_distill_support import make_pair, one_thread, pair_with_text  # noqa: F401 - one_thread is an autouse fixture
 
+from layersplice.checkpoint.sealed_json import read_sealed, write_sealed
 from layersplice.cli.main import cli
+from layersplice.distill.checkpoint_record import file_records
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +156,43 @@ def test_changed_settings_are_each_named_with_old_and_new_value(pair, run_copy):
     assert_refused(result, "holds a run with other settings (--seq-len 32 -> 64, --lr 0.0003 -> 0.001); "
                            "resume with the same settings")
     assert snapshot(run_copy) == before
+
+
+class RunsCode:
+    """Unpickling this would create a file: what a crafted checkpoint could do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_dcp_metadata_pickle_is_refused_without_running_it(pair, run_copy, tmp_path):
+    folder = checkpoint_entries(run_copy)[-1]
+    marker = tmp_path / "code-ran"
+    (folder / "state" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    manifest = read_sealed(folder / "manifest.json")[0]
+    manifest["files"] = file_records(folder, sorted(manifest["files"]))  # a forger reseals, too
+    write_sealed(folder / "manifest.json", manifest)
+    assert_refused(invoke(args(pair, run_copy, "--resume")), "its DCP metadata would load pathlib.Path",
+                   "is not read")
+    assert not marker.exists()
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_temporary(pair, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "layersplice", *args(pair, out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = [line for line in done.stderr.strip().splitlines() if line.startswith("error")]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    # torch.save's zip writer reports the short write in its own words ("unexpected pos")
+    assert f"writing checkpoint step 2 in {out} failed (" in lines[0] and "run again with --resume" in lines[0]
+    assert "Traceback" not in done.stderr
+    assert list((out / "checkpoints").iterdir()) == []

@@ -16,9 +16,10 @@ import time
 import torch
 
 from layersplice.distill import parallel
-from layersplice.distill.checkpoints import begin, export_student, load_checkpoint, save_checkpoint
+from layersplice.distill.checkpoints import begin, load_checkpoint, save_checkpoint
 from layersplice.distill.config import DistillConfig
 from layersplice.distill.data import Batch, DistillData, load_data
+from layersplice.distill.export import export_student
 from layersplice.distill.chunked import chunked_logit_losses
 from layersplice.distill.heads import head_of
 from layersplice.distill.losses import (
@@ -157,7 +158,7 @@ def distill(config: DistillConfig) -> None:
 
 def _run(config: DistillConfig, world: World) -> None:
     config.accumulation_steps(world.size)  # refuses a global batch the processes cannot share
-    record = begin(config, world)  # checks --out; on --resume, verifies the checkpoint
+    checkpoints = begin(config, world)  # checks --out; on --resume, verifies the checkpoint
     torch.manual_seed(config.data.seed + world.rank)
     models = load_models(config, world)
     data = load_data(config.data, models.tokenizer, models.teacher.config.vocab_size)
@@ -165,7 +166,7 @@ def _run(config: DistillConfig, world: World) -> None:
     scheduler = build_scheduler(optimizer, config)
     step = 0
     if config.resume:
-        restored = load_checkpoint(config, models.student, optimizer, scheduler, world, record)
+        restored = load_checkpoint(config, models.student, optimizer, scheduler, world, checkpoints)
         step = restored["step"]
         data.train.load_state_dict(restored["data"])
     evaluating = len(data.val.ids) > 0 and config.eval_every > 0
@@ -186,7 +187,9 @@ def _run(config: DistillConfig, world: World) -> None:
                 log.record({"step": step} | evaluate(models, data, config, world))
             if config.save_every and step % config.save_every == 0:
                 save_checkpoint(config, step, models.student, optimizer, scheduler,
-                                data.train.state_dict(), world, record)
+                                data.train.state_dict(), world, checkpoints)
+            checkpoints.settle(world)  # publishes an asynchronous save once it is written
+    checkpoints.settle(world, wait=True)
     export_student(config, models.student, models.stored_dtype, world)
 
 
