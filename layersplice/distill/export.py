@@ -5,10 +5,10 @@ gathered whole (DTensor.full_tensor, a collective), cast to the student's
 stored dtype and, on rank 0, appended to the safetensors file it belongs to,
 then released. No process ever holds more than one whole tensor of the
 model, and the optimizer state is never gathered. The files are those
-save_pretrained writes: config.json, generation_config.json, shards of at
-most its default 50 GB cut as it cuts them, with their index, under the names transformers saves
-(any renaming it applies at load, such as GPT-NeoX's embed_out, is reverted
-tensor by tensor with its own revert_weight_conversion).
+save_pretrained writes: config.json, generation_config.json, and shards of
+at most its default 50 GB, cut, ordered and indexed as it does, under the
+names it saves (any renaming transformers applies at load, such as GPT-NeoX's
+embed_out, is reverted tensor by tensor with its own revert_weight_conversion).
 """
 
 from __future__ import annotations
