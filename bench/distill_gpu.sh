@@ -13,6 +13,12 @@
 #             docstrings tokenized once by `layersplice tokenize` (the fixture's
 #             3,072-id tokenizer, whose ids fit either vocabulary) and read from
 #             the memory map.
+#   checkpoint  under torchrun with NPROC processes, bench/distill_checkpoint.py
+#             --device cuda: the student takes one AdamW step, then one checkpoint
+#             is saved and resumed, as distill does it (dcp: each rank its own
+#             shards, dcp.async_save; dcp-sync: the same, synchronous) and
+#             as it did before (gather: everything gathered to rank 0 and
+#             written by torch.save).
 # Prints, for each run, the median tokens/s and MFU (first steps dropped as
 # warm-up; MFU against the GPU's dense bf16 peak, or PEAK_TFLOPS), the share
 # of step time spent waiting for data (data_wait_s / step_s over every step:
@@ -20,7 +26,9 @@
 # the largest torch.cuda.max_memory_allocated and that per token of a
 # micro-batch; then the targets: compile MFU >= 35%, torchrun >= 0.95x plain,
 # memory per token at vocab 151,936 <= 1/3 of the full-logit path's, and data
-# wait <= 1% of step time with tokenized data. Needs no network.
+# wait <= 1% of step time with tokenized data; then, for checkpoint, how
+# long training is held up by a save, when the checkpoint is complete, and the
+# resume time (verification included). Needs no network.
 #
 # Each run is cut at RUN_TIMEOUT seconds, and runs that would start after
 # BUDGET seconds (540: the whole script stays under 10 minutes) are skipped,
@@ -60,7 +68,7 @@ steps=${STEPS:-10}
 hidden=${HIDDEN:-1024}
 layers=${LAYERS:-16}
 vocabs=${VOCABS:-"151936 32000"}
-runs=${RUNS:-"full plain tokens compile torchrun"}
+runs=${RUNS:-"full plain tokens compile torchrun checkpoint"}
 seq=${SEQ:-2048}
 batch=${BATCH:-16}
 micro=${MICRO:-2}
@@ -131,6 +139,12 @@ distill() {  # NAME VOCAB LAUNCHER...: one run; a failure or timeout is reported
         compile)  timeout "$limit" "$py" -m layersplice.distill.command "${common[@]}" --compile ;;
         torchrun) timeout "$limit" "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
                       -m layersplice.distill.command "${common[@]}" ;;
+        checkpoint)  # one JSON line per method, from rank 0
+            for method in gather dcp dcp-sync; do
+                timeout "$limit" "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
+                    "$repo/bench/distill_checkpoint.py" --method "$method" --device cuda --root "$work/v$vocab" \
+                    | tail -n 1 >> "$work/v$vocab/checkpoint.jsonl"
+            done ;;
     esac || echo "   $name at vocab $vocab failed or ran past ${limit}s"
 }
 
@@ -161,6 +175,8 @@ print(f"{'vocab':>7} {'run':<9} {'tokens/s':>10} {'MFU':>7} {'data wait':>9} {'m
 results = {}
 for vocab in vocabs:
     for name in runs:
+        if name == "checkpoint":
+            continue
         path = work / f"v{vocab}" / name / "metrics.jsonl"
         records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
         steps = [r for r in records if "tokens_per_s" in r]
@@ -191,4 +207,18 @@ for vocab in vocabs:
     if (vocab, "tokens") in results:
         print(f"  vocab {vocab}: data wait with tokenized data {results[vocab, 'tokens'][3]:.2%} of step time "
               "(target <= 1%)")
+
+if "checkpoint" in runs:
+    print(f"\ncheckpoints of the student after one AdamW step, torchrun with {nproc} process(es): save = training "
+          "held up, complete = checkpoint published, resume = verify (hashes teacher, student, checkpoint) + load")
+    for vocab in vocabs:
+        path = work / f"v{vocab}" / "checkpoint.jsonl"
+        lines = [line for line in path.read_text().splitlines() if line.startswith("{")] if path.is_file() else []
+        if not lines:
+            print(f"{vocab:>7} checkpoint (no result)")
+        for record in map(json.loads, lines):
+            cuda = max(rank["cuda_peak"] for rank in record["ranks"]) / 2**30
+            print(f"{vocab:>7} {record['method']:<9} save {record['save_s']:7.2f} s  complete "
+                  f"{record['published_s']:7.2f} s  resume {record['resume_s']:7.2f} s (verify "
+                  f"{record['verify_s']:.2f} s)  max_memory_allocated {cuda:.2f} GiB")
 EOF

@@ -12,7 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from test_distill_support import make_pair, sentences, write_jsonl
+from test_distill_support import (  # noqa: F401 - one_thread is an autouse fixture
+    one_thread, pair_with_text, sentences, write_jsonl,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from layersplice.cli.main import cli
@@ -24,21 +26,9 @@ from layersplice.errors import AlignmentError, OutputError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on 2 cores run faster, and as torchrun's workers do, on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill")
-    teacher, student = make_pair(root)
-    data = write_jsonl(root / "data.jsonl", sentences(300, seed=1))
-    return teacher, student, data
+    return pair_with_text(tmp_path_factory.mktemp("distill"))
 
 
 def args(pair, out: Path, *extra: str) -> list[str]:
@@ -158,7 +148,7 @@ def test_torchrun_interrupted_and_resumed_follows_the_one_process_trajectory(pai
     script.write_text(DIE_AFTER_STEP_4)
     killed = torchrun([str(script)], args(pair, sharded, *common))
     assert killed.returncode != 0 and not (sharded / "model.safetensors").exists(), killed.stderr[-3000:]
-    assert [p.name for p in (sharded / "checkpoints").iterdir()] == ["step-0000004.pt"]
+    assert sorted(p.name for p in (sharded / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     resumed = torchrun(["-m", "layersplice.distill.command"], args(pair, sharded, *common, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
@@ -220,7 +210,7 @@ def test_resume_refuses_other_settings(pair, tmp_path, monkeypatch):
     out = tmp_path / "out"
     common = ("--steps", "2", "--save-every", "1", "--eval-every", "0")
     killed_after_checkpoint(monkeypatch, 1, args(pair, out, *common))
-    with pytest.raises(DistillError, match=r"holds a run with other settings \(lr\)"):
+    with pytest.raises(DistillError, match=r"holds a run with other settings \(--lr 0.003 -> 0.001\)"):
         run(args(pair, out, *common, "--lr", "1e-3", "--resume"))
 
 

@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -77,3 +78,19 @@ def make_pair(root: Path, teacher_layers: int = 6, seed: int = 0) -> tuple[Path,
 def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
     path.write_text("".join(json.dumps({field: text}) + "\n" for text in texts))
     return path
+
+
+def pair_with_text(root: Path) -> tuple[Path, Path, Path]:
+    """make_pair's teacher and student, and a .jsonl of 300 documents."""
+    teacher, student = make_pair(root)
+    return teacher, student, write_jsonl(root / "data.jsonl", sentences(300, seed=1))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on 2 cores run faster, and as torchrun's workers do, on one thread
+    (autouse in each module that imports it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,38 +1,72 @@
 """What a run leaves in --out: resume checkpoints and the final student directory.
 
-A resume checkpoint is one torch.save file of tensors and plain Python values
-(read back with weights_only=True): full model and optimizer state, scheduler,
-data position and every rank's RNG. Only rank 0 writes; on resume rank 0 reads
-and the other ranks receive what they need by broadcast, so --out need not be
-on a filesystem that every node sees.
+A resume checkpoint is a folder, checkpoints/step-NNNNNNN, that appears whole
+or not at all (checkpoint/atomic.py: rank 0 creates it under a temporary
+name and renames it once everything is written):
+
+    state/          the student's weights and AdamW state as
+                    torch.distributed.checkpoint writes them, each process
+                    its own shards (sharded.py);
+    loop_state.pt   step, scheduler, data position and every rank's RNG
+                    (torch.save of tensors and plain values, read back with
+                    weights_only=True);
+    manifest.json   sealed: the size and BLAKE3 of every file, the settings
+                    and the identity of the teacher and the initial student
+                    (checkpoint_record.py).
+
+Every process writes its shards into the folder and, on resume, reads the
+pieces it needs, so with several processes --out must be on a filesystem
+that all of them see (as for any DCP checkpoint). The files are hashed by all
+processes at once, each a share, both after a save and before a resume.
+
+The newest two checkpoints are kept: when the last one is damaged (a disk
+fault, a copy cut short), --resume says so and names the one before it.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import re
 import shutil
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from layersplice.checkpoint.atomic import refuse_overlap
-from layersplice.checkpoint.source import SIDE_FILES
-from layersplice.distill import parallel
-from layersplice.distill.config import DistillConfig, DistillError
+from layersplice.checkpoint.atomic import atomic_directory, refuse_overlap
+from layersplice.distill import parallel, sharded
+from layersplice.distill.checkpoint_record import (
+    DamagedCheckpoint,
+    check_same_run,
+    damage,
+    file_records,
+    is_intact,
+    read_manifest,
+    seal_manifest,
+    sources_identity,
+)
+from layersplice.distill.config import DistillConfig
 from layersplice.distill.parallel import World
 from layersplice.errors import OutputError
-from layersplice.planning.alignment import STUDENT_CONFIG_NAME
 
 CHECKPOINT_DIR = "checkpoints"
+STATE_DIR = "state"
+LOOP_STATE = "loop_state.pt"
+KEEP = 2  # checkpoints kept: the newest, and the one before it in case the newest is damaged
+_STEP_NAME = re.compile(r"step-\d{7}")
 
 
-def checkpoint_path(out: Path, step: int) -> Path:
-    return out / CHECKPOINT_DIR / f"step-{step:07d}.pt"
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / CHECKPOINT_DIR / f"step-{step:07d}"
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / CHECKPOINT_DIR).glob("step-*.pt"))
-    return found[-1] if found else None
+def saved_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporaries of an interrupted save are hidden files)."""
+    folder = out / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _STEP_NAME.fullmatch(p.name))
 
 
 def check_out(config: DistillConfig) -> None:
@@ -45,9 +79,11 @@ def check_out(config: DistillConfig) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; give a directory")
     if config.resume:
-        if latest_checkpoint(out) is None:
+        if not saved_checkpoints(out):
+            older = any((out / CHECKPOINT_DIR).glob("step-*.pt"))
+            why = " but checkpoints of an earlier layersplice, which carry no digest to verify" if older else ""
             raise OutputError(
-                f"--resume: {out / CHECKPOINT_DIR} holds no checkpoint; run without --resume "
+                f"--resume: {out / CHECKPOINT_DIR} holds no checkpoint{why}; run without --resume "
                 "(add --save-every N to write checkpoints)"
             )
     elif out.is_dir() and any(out.iterdir()):
@@ -56,89 +92,162 @@ def check_out(config: DistillConfig) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    """A save whose shards are being written into `folder`, the temporary that `publish` renames."""
+
+    step: int
+    folder: Path
+    future: Future | None  # the asynchronous write; None when the save was synchronous
+    publish: contextlib.ExitStack  # rank 0's atomic_directory; empty elsewhere
+
+
+class Checkpoints:
+    """A run's checkpoints: the teacher and student they record, the verified
+    checkpoint it resumes, and the save still being written, if any."""
+
+    def __init__(self, config: DistillConfig, sources: dict | None, resume_from: Path | None,
+                 group: torch.distributed.ProcessGroup | None) -> None:
+        self.config = config
+        self.sources = sources  # None when the run writes and reads no checkpoint
+        self.resume_from = resume_from
+        self.group = group  # the process group of asynchronous saves
+        self.in_flight: _InFlight | None = None
+
+    def settle(self, world: World, wait: bool = False) -> None:
+        """Collective: publish the save in flight once every rank has written its part
+        (now, with `wait`; otherwise only if all have finished)."""
+        saving = self.in_flight
+        if saving is None:
+            return
+        if not wait and not parallel.on_all_ranks(saving.future is None or saving.future.done(), world):
+            return
+        self.in_flight = None
+        failure = None
+        try:
+            if saving.future is not None:
+                saving.future.result()
+        except sharded.SAVE_ERRORS as error:  # every rank must learn that one rank failed
+            failure = sharded.failure_reason(error)
+        failures = [f for f in parallel.gather_objects(failure, world) if f]
+        if failures:
+            raise _abandoned(saving, self.config, failures[0])
+        names = parallel.broadcast_object(_files_under(saving.folder) if world.is_main else None, world)
+        records = _hashed_by_all(saving.folder, names, world)
+        if world.is_main:
+            seal_manifest(saving.folder, saving.step, self.config.run_identity(), self.sources, records)
+            saving.publish.close()  # fsync, then rename into place
+            for older in saved_checkpoints(self.config.out)[:-KEEP]:
+                shutil.rmtree(older)
+        parallel.barrier(world)
+
+
+def begin(config: DistillConfig, world: World) -> Checkpoints:
+    """Collective, before the models load: check --out, identify the teacher and student
+    and, on --resume, verify the newest checkpoint (settings, sources, every byte)."""
+    sources, latest, files = parallel.decided_on_main(lambda: _examine(config), world)
+    if latest is not None:
+        names = sorted(files)
+        problem = damage(latest, files, names[world.rank::world.size])
+        problems = [p for p in parallel.gather_objects(problem, world) if p]
+        if problems:
+            def refuse() -> None:
+                raise _damaged(latest, problems[0])
+
+            parallel.decided_on_main(refuse, world)
+    group = sharded.checkpoint_group(world) if config.save_every else None
+    return Checkpoints(config, sources, latest, group)
+
+
+def _examine(config: DistillConfig) -> tuple[dict | None, Path | None, dict | None]:
+    """On rank 0: (sources, the checkpoint to resume, its file records)."""
+    check_out(config)
+    if not (config.resume or config.save_every):
+        return None, None, None
+    sources = sources_identity(config)
+    if not config.resume:
+        return sources, None, None
+    latest = saved_checkpoints(config.out)[-1]
+    try:
+        manifest = read_manifest(latest)
+    except DamagedCheckpoint as error:
+        raise _damaged(latest, str(error)) from None
+    check_same_run(manifest, config, sources)
+    return sources, latest, manifest["files"]
+
+
+def _damaged(latest: Path, problem: str) -> DamagedCheckpoint:
+    older = [path for path in saved_checkpoints(latest.parent.parent) if path < latest]
+    intact = next((path for path in reversed(older) if is_intact(path)), None)
+    if intact is None:
+        advice = "no earlier checkpoint is intact; start again without --resume in a new --out"
+    else:
+        advice = (f"the one before it, {intact.name}, is intact: move {latest.name} out of {latest.parent} "
+                  "and run again with --resume to continue from there")
+    return DamagedCheckpoint(f"--resume: checkpoint {latest} is damaged: {problem}; {advice}")
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def _hashed_by_all(folder: Path, names: list[str], world: World) -> dict[str, dict]:
+    """Collective: the records of `names`, each rank hashing its share."""
+    records: dict[str, dict] = {}
+    for share in parallel.gather_objects(file_records(folder, names[world.rank::world.size]), world):
+        records |= share
+    return dict(sorted(records.items()))
+
+
 def _rng_state(world: World) -> dict:
     cuda = torch.cuda.get_rng_state(world.device) if world.device.type == "cuda" else None
     return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
 
 def save_checkpoint(
-    config: DistillConfig, step: int, student, optimizer, scheduler, data_state: dict, world: World
+    config: DistillConfig, step: int, student, optimizer, scheduler, data_state: dict, world: World,
+    checkpoints: Checkpoints,
 ) -> None:
-    """Collective: every rank calls it; rank 0 writes step-N.pt and drops older ones."""
-    payload = {
-        "step": step,
-        "identity": config.run_identity(),
-        "model": parallel.full_model_state(student),
-        "optimizer": parallel.full_optimizer_state(student, optimizer),
-        "scheduler": scheduler.state_dict(),
-        "data": data_state,
-        "rng": parallel.gather_objects(_rng_state(world), world),
-    }
-    if world.is_main:
-        path = checkpoint_path(config.out, step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        torch.save(payload, partial)
-        os.replace(partial, path)
-        for older in (config.out / CHECKPOINT_DIR).glob("step-*.pt"):
-            if older != path:
-                older.unlink()
-    parallel.barrier(world)
+    """Collective: write checkpoints/step-N, each rank its own shards; asynchronously on CUDA
+    (published by a later `settle`), at once elsewhere. The oldest checkpoints are dropped."""
+    checkpoints.settle(world, wait=True)  # one save in flight at a time
+    loop_state = {"step": step, "scheduler": scheduler.state_dict(), "data": data_state,
+                  "rng": parallel.gather_objects(_rng_state(world), world)}
+    publish = contextlib.ExitStack()
+
+    def open_folder() -> Path:
+        folder = publish.enter_context(atomic_directory(checkpoint_dir(config.out, step), inputs=()))
+        torch.save(loop_state, folder / LOOP_STATE)
+        return folder
+
+    folder = parallel.decided_on_main(open_folder, world)
+    saving = _InFlight(step, folder, None, publish)
+    try:
+        future = sharded.save(sharded.state_of(student, optimizer), folder / STATE_DIR, world, checkpoints.group)
+    except sharded.SAVE_ERRORS as error:  # DCP raises on every rank when one rank fails
+        raise _abandoned(saving, config, sharded.failure_reason(error)) from None
+    checkpoints.in_flight = _InFlight(step, folder, future, publish)
+    checkpoints.settle(world, wait=future is None)
 
 
-def load_checkpoint(config: DistillConfig, student, optimizer, scheduler, world: World) -> dict:
-    """Restore model, optimizer, scheduler and RNG; return {"step", "data"} for the loop."""
-    payload = {}
-    if world.is_main:
-        payload = torch.load(latest_checkpoint(config.out), map_location="cpu", weights_only=True)
-    small = {key: payload.get(key) for key in ("step", "identity", "scheduler", "data", "rng")}
-    small = parallel.broadcast_object(small, world)
-    if small["identity"] != config.run_identity():
-        changed = sorted(k for k, v in config.run_identity().items() if small["identity"].get(k) != v)
-        raise DistillError(
-            f"--resume: {config.out} holds a run with other settings ({', '.join(changed)}); "
-            "resume with the same settings or choose a new --out"
-        )
-    parallel.load_full_state(
-        student, optimizer, payload.get("model", {}), payload.get("optimizer", {}), world
-    )
-    scheduler.load_state_dict(small["scheduler"])
-    rng = small["rng"][world.rank] if world.rank < len(small["rng"]) else small["rng"][0]
+def _abandoned(saving: _InFlight, config: DistillConfig, reason: str) -> OutputError:
+    """Remove the temporary of a save that failed (on rank 0); the error to raise on every rank."""
+    saving.publish.__exit__(RuntimeError, RuntimeError(reason), None)
+    return OutputError(f"writing checkpoint step {saving.step} in {config.out} failed ({reason}); "
+                       "the checkpoints before it are kept: free space or fix --out, then run again with --resume")
+
+
+def load_checkpoint(config: DistillConfig, student, optimizer, scheduler, world: World,
+                    checkpoints: Checkpoints) -> dict:
+    """Collective: restore model, optimizer, scheduler and RNG from the verified checkpoint,
+    whatever number of processes wrote it; return {"step", "data"} for the loop."""
+    folder = checkpoints.resume_from
+    sharded.load(student, optimizer, folder / STATE_DIR, world)
+    loop_state = torch.load(folder / LOOP_STATE, map_location="cpu", weights_only=True)
+    scheduler.load_state_dict(loop_state["scheduler"])
+    rngs = loop_state["rng"]
+    rng = rngs[world.rank] if world.rank < len(rngs) else rngs[0]
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None and world.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], world.device)
-    return {"step": small["step"], "data": small["data"]}
-
-
-def _tied_aliases(model: torch.nn.Module) -> set[str]:
-    """Names of parameters that are another parameter (a tied head): gathered FSDP
-    state holds them as separate copies, which transformers would write twice."""
-    seen: set[int] = set()
-    aliases = set()
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        if id(parameter) in seen:
-            aliases.add(name)
-        seen.add(id(parameter))
-    return aliases
-
-
-def export_student(config: DistillConfig, student, stored_dtype: torch.dtype, world: World) -> None:
-    """Collective: gather the weights; rank 0 writes an HF directory loadable by transformers."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    state = parallel.full_model_state(student)
-    if not world.is_main:
-        return
-    state = {name: tensor.to(stored_dtype) for name, tensor in state.items()}
-    model_config = AutoConfig.from_pretrained(config.student)
-    # A weightless shell writes config and weights the way transformers expects
-    # (tied heads, shards, index); the live model may be FSDP-wrapped.
-    with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(model_config, dtype=stored_dtype)
-    aliases = _tied_aliases(shell)
-    shell.save_pretrained(config.out, state_dict={k: v for k, v in state.items() if k not in aliases})
-    for name in (STUDENT_CONFIG_NAME, *SIDE_FILES):
-        for home in (config.student, config.teacher):
-            if (home / name).is_file():
-                shutil.copyfile(home / name, config.out / name)
-                break
+    return {"step": loop_state["step"], "data": loop_state["data"]}

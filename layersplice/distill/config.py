@@ -146,3 +146,43 @@ class DistillConfig:
             identity.pop(key)
         identity["data"]["files"] = [str(p) for p in self.data.files]
         return identity
+
+
+# Settings whose command-line option is not the field's name with dashes.
+_OPTION_NAMES = {"data.files": "--data", "data.synthetic": "--synthetic-data",
+                 "loss.kl": "--kl-weight", "loss.cos": "--cos-weight"}
+
+
+def _flatten(identity: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in identity.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "(not given)"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) or "(none)"
+    return str(value)
+
+
+def identity_changes(old: dict, new: dict) -> list[str]:
+    """Each setting that differs between two run identities, as `--option old -> new`."""
+    before, after = _flatten(old), _flatten(new)
+    missing = object()
+    changes = []
+    for key in sorted(before.keys() | after.keys()):
+        was, now = before.get(key, missing), after.get(key, missing)
+        if was != now:
+            option = _OPTION_NAMES.get(key, "--" + key.rpartition(".")[2].replace("_", "-"))
+            was_text = "(not recorded)" if was is missing else _shown(was)
+            now_text = "(no longer a setting)" if now is missing else _shown(now)
+            changes.append(f"{option} {was_text} -> {now_text}")
+    return changes

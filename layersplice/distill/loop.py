@@ -20,11 +20,10 @@ from collections.abc import Iterator
 import torch
 
 from layersplice.distill import parallel
-from layersplice.distill.checkpoints import (
-    check_out, export_student, latest_checkpoint, load_checkpoint, save_checkpoint,
-)
+from layersplice.distill.checkpoints import begin, check_out, load_checkpoint, save_checkpoint, saved_checkpoints
 from layersplice.distill.config import DistillConfig
 from layersplice.distill.data import Batch, DistillData, load_data
+from layersplice.distill.export import export_student
 from layersplice.distill.feed import Feed, restore
 from layersplice.distill.chunked import chunked_logit_losses
 from layersplice.distill.heads import head_of
@@ -161,6 +160,7 @@ def _run(config: DistillConfig, world: World) -> dict | None:
     parallel.decided_on_main(lambda: refuse_a_finished_run(config), world)
     parallel.decided_on_main(lambda: check_out(config), world)
     survey = parallel.decided_on_main(lambda: _survey(config), world)  # every document, before any model
+    checkpoints = begin(config, world)  # identifies teacher and student; on --resume, verifies the checkpoint
     torch.manual_seed(config.data.seed + world.rank)
     models = load_models(config, world)
     data = load_data(config.data, models.tokenizer, models.teacher.config.vocab_size, world.rank, world.size)
@@ -169,7 +169,7 @@ def _run(config: DistillConfig, world: World) -> dict | None:
     scheduler = build_scheduler(optimizer, config)
     step = 0
     if config.resume:
-        restored = load_checkpoint(config, models.student, optimizer, scheduler, world)
+        restored = load_checkpoint(config, models.student, optimizer, scheduler, world, checkpoints)
         step = restored["step"]
         restore(data.train, restored["data"], world)
     evaluating = len(data.val.ids) > 0 and config.eval_every > 0
@@ -191,7 +191,10 @@ def _run(config: DistillConfig, world: World) -> dict | None:
             if evaluating and (step % config.eval_every == 0 or step == config.steps):
                 log.record({"step": step} | evaluate(models, data, config, world))
             if config.save_every and step % config.save_every == 0:
-                save_checkpoint(config, step, models.student, optimizer, scheduler, feed.state_dict(), world)
+                save_checkpoint(config, step, models.student, optimizer, scheduler, feed.state_dict(), world,
+                                checkpoints)
+            checkpoints.settle(world)  # publishes an asynchronous save once it is written
+    checkpoints.settle(world, wait=True)
     export_student(config, models.student, models.stored_dtype, world)
     if not world.is_main:
         return None
@@ -217,7 +220,7 @@ def _left_as_found_if_failed_early(config: DistillConfig, world: World) -> Itera
     try:
         yield
     except BaseException:
-        if world.is_main and not config.resume and (absent or empty) and latest_checkpoint(config.out) is None:
+        if world.is_main and not config.resume and (absent or empty) and not saved_checkpoints(config.out):
             if absent:
                 shutil.rmtree(config.out, ignore_errors=True)
             else:

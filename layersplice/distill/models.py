@@ -59,6 +59,17 @@ def _load(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     )
 
 
+def _refuse_non_finite(model: torch.nn.Module, flag: str, path: Path) -> None:
+    """NaN or Inf in a weight makes every loss and gradient NaN: refuse it before training starts."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{flag} {path}: tensor {name!r} holds {bad:,} NaN or infinite value(s) of {tensor.numel():,}; "
+                "distilling from it would only produce NaN. Give weights with finite values"
+            )
+
+
 def teacher_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -87,7 +98,9 @@ def load_models(config: DistillConfig, world: World) -> Models:
     tokenizer = None if config.data.synthetic else teacher_tokenizer(config.teacher)  # fails fast, before the weights
     teacher_dtype = torch.bfloat16 if world.device.type == "cuda" else torch.float32
     teacher = _load(config.teacher, teacher_dtype).eval().requires_grad_(False)
+    _refuse_non_finite(teacher, "--teacher", config.teacher)
     student = _load(config.student, torch.float32).train()
+    _refuse_non_finite(student, "--student", config.student)
     alignment = Alignment(copied, teacher.config.num_hidden_layers)
     _check_pair(teacher, student, alignment, config)
     pairs = aligned_hidden_states(alignment)

@@ -19,13 +19,6 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -155,28 +148,6 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
-_FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded weights on CPU; complete on rank 0 (the only rank that writes)."""
-    return get_model_state_dict(model, options=_FULL_ON_CPU)
-
-
-def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    return get_optimizer_state_dict(model, optimizer, options=_FULL_ON_CPU)
-
-
-def load_full_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict,
-    world: World,
-) -> None:
-    """Load full state dicts that rank 0 read from disk; other ranks get them broadcast."""
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.sharded)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-
-
 def broadcast_object(value: object, world: World) -> object:
     """Rank 0's `value` on every rank."""
     if not world.distributed:
@@ -210,6 +181,15 @@ def gather_objects(value: object, world: World) -> list:
     values: list = [None] * world.size
     dist.all_gather_object(values, value)
     return values
+
+
+def on_all_ranks(flag: bool, world: World) -> bool:
+    """Whether `flag` holds on every rank."""
+    if not world.distributed:
+        return flag
+    value = torch.tensor([int(flag)], device=world.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def barrier(world: World) -> None:
