@@ -173,7 +173,7 @@ def test_keep_checkpoints_keeps_them_and_verify_names_them(pair, tmp_path):
     result = layersplice("distill", "--teacher", teacher, "--student", student, "--data", data, "--out", out,
                          *small_run("--steps", "2", "--save-every", "2", "--val-tokens", "0", "--keep-checkpoints"))
     assert result.exit_code == 0, result.output
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002.pt"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
     refused = layersplice("verify", out)
     assert refused.exit_code == 2 and "--allow-extra checkpoints" in refused.output
     assert layersplice("verify", out, "--allow-extra", "checkpoints").exit_code == 0

@@ -19,6 +19,8 @@ from test_distill_support import make_pair, one_thread, pair_with_text  # noqa: 
 
 from layersplice.checkpoint.sealed_json import read_sealed, write_sealed
 from layersplice.cli.main import cli
+from layersplice.distill import loop
+from layersplice.distill.command import distill_command
 from layersplice.distill.checkpoint_record import file_records
 
 
@@ -40,7 +42,8 @@ def invoke(argv: list[str]):
 
 def assert_refused(result, *fragments: str) -> str:
     """Exit 2 and exactly one line, `error: ...` holding every fragment; returns the line."""
-    lines = result.stderr.strip().splitlines()
+    # the data summary comes before what is found once the models load (the DCP metadata)
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("data: ")]
     assert result.exit_code == 2, result.output
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
@@ -52,19 +55,33 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
 @pytest.fixture(scope="module")
-def finished(pair, tmp_path_factory):
-    """A 4-step run that saved checkpoints at steps 2 and 4."""
-    out = tmp_path_factory.mktemp("finished") / "out"
-    result = invoke(args(pair, out))
-    assert result.exit_code == 0, result.output
+def interrupted(pair, tmp_path_factory):
+    """A 4-step run killed right after its checkpoint at step 4 (checkpoints at steps 2 and 4;
+    a run that finishes seals its student and drops its checkpoints)."""
+    out = tmp_path_factory.mktemp("interrupted") / "out"
+    save = loop.save_checkpoint
+
+    def save_then_die(config, step, *rest):
+        save(config, step, *rest)
+        if step == 4:
+            raise Killed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "save_checkpoint", save_then_die)
+        result = CliRunner().invoke(distill_command, args(pair, out)[1:])
+    assert isinstance(result.exception, Killed), result.output
     return out
 
 
 @pytest.fixture
-def run_copy(finished, tmp_path):
+def run_copy(interrupted, tmp_path):
     out = tmp_path / "out"
-    shutil.copytree(finished, out)
+    shutil.copytree(interrupted, out)
     return out
 
 
@@ -195,4 +212,4 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_temporary
     # torch.save's zip writer reports the short write in its own words ("unexpected pos")
     assert f"writing checkpoint step 2 in {out} failed (" in lines[0] and "run again with --resume" in lines[0]
     assert "Traceback" not in done.stderr
-    assert list((out / "checkpoints").iterdir()) == []
+    assert not out.exists()  # the first checkpoint failed: a new run leaves --out as it found it

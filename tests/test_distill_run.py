@@ -274,7 +274,7 @@ def test_two_processes_on_tokenized_data_resumed_by_one_follow_the_raw_one_proce
     script.write_text(DIE_AFTER_STEP_4)
     out = tmp_path / "two-then-one"
     killed = torchrun([str(script)], small_args(pair, tokens, out, *common))
-    assert killed.returncode != 0 and (out / "checkpoints" / "step-0000004.pt").is_file(), killed.stderr[-3000:]
+    assert killed.returncode != 0 and (out / "checkpoints" / "step-0000004").is_dir(), killed.stderr[-3000:]
     run(small_args(pair, tokens, out, *common, "--resume"))
 
     assert_same_losses(metrics(single), metrics(out), rel=1e-4, abs=1e-6)
@@ -366,7 +366,7 @@ def test_a_streamed_document_that_breaks_mid_run_stops_it_in_one_line(save_every
                             "share (1 processes): cannot be read ("), error
     assert "the first 10 documents were checked" in result.stderr
     if save_every:
-        assert len(list((out / "checkpoints").glob("step-*.pt"))) == 1
+        assert [p.is_dir() for p in (out / "checkpoints").glob("step-*")] in ([True], [True, True])
         assert not (out / "model.safetensors").exists()
     else:
         assert not out.exists()
