@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -129,7 +128,7 @@ def _pick_sizes(plans: list, layer_counts: tuple[int, ...]) -> list:
 
 def _report(built: list, where: Path, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(display.built_json(built, where), indent=2, sort_keys=True))
+        display.echo_json(display.built_json(built, where))
     else:
         display.built_table(console, built, where)
 
@@ -223,7 +222,7 @@ def assemble_command(out: Path, as_json: bool) -> None:
     except FamilyProblem as exc:
         raise LayerspliceError(f"{out}: {exc}") from None
     if as_json:
-        click.echo(json.dumps(manifest, indent=2, sort_keys=True))
+        display.echo_json(manifest)
     else:
         sizes = ", ".join(entry["directory"] for entry in manifest["sizes"])
         console.print(f"wrote {out / 'manifest.json'}: {len(manifest['sizes'])} sizes ({sizes}) from {len(manifest['parts'])} parts", highlight=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
@@ -13,6 +14,7 @@ from rich.text import Text
 from layersplice import __version__
 from layersplice.architectures.layout import Layout
 from layersplice.checkpoint.source import Checkpoint
+from layersplice.checkpoint.strict_json import dumps
 from layersplice.planning.alignment import read_student_config
 from layersplice.planning.blocks import by_patch, keep_sequence, multi_layer_blocks
 from layersplice.planning.job import Job
@@ -20,11 +22,20 @@ from layersplice.planning.plan import PlanSize, SizeTable
 from layersplice.units import format_bytes, format_params
 
 
+def echo_json(data: dict, sort_keys: bool = True) -> None:
+    """One --json document on stdout; a value that is not finite is null (never NaN, which is not JSON)."""
+    click.echo(dumps(data, sort_keys=sort_keys))
+
+
 def progress_bar() -> Progress:
-    """Bytes written so far, on stderr, gone when done."""
+    """Bytes written so far, on stderr, gone when done. Off where stderr is not a terminal:
+    there rich can only print the bar's last state, and it left an empty line before any
+    error line that followed."""
+    console = Console(stderr=True)
     return Progress(
         "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-        TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+        TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True,
+        disable=not console.is_terminal,
     )
 
 

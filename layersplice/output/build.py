@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from layersplice.checkpoint.atomic import Inputs, atomic_directory, output_lock,
 from layersplice.checkpoint.digest import CHECKSUM
 from layersplice.checkpoint.sealed_json import read_sealed, write_sealed
 from layersplice.checkpoint.source import INDEX_FILE, SIDE_FILES, Checkpoint
+from layersplice.checkpoint.strict_json import write_json
 from layersplice.checkpoint.writer import ProgressFn, SourceFiles, WriteItem, WrittenFile, write_shards
 from layersplice.errors import OutputError
 from layersplice.output.card import CARD_FILE, build_card, student_init_card
@@ -102,10 +102,6 @@ def _provenance(job: Job, plan: Plan, choice: dict, rewritten: dict[str, str], f
         "parameters": plan.params,
         "files": files,
     }
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def build_one(
