@@ -21,7 +21,9 @@ from layersplice.cli.options import (
     with_sources,
 )
 from layersplice.errors import LayerspliceError
+from layersplice.checkpoint.source import Checkpoint
 from layersplice.output.build import build_all, build_one, build_part, init_student
+from layersplice.output.card import read_source_card
 from layersplice.output.family import FamilyProblem, assemble
 from layersplice.planning.alignment import AlignmentSpec, parse_layer_list, resolve_alignment
 from layersplice.planning.job import single_layout
@@ -74,6 +76,8 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
     """
     job = sources.job
     name = name or (sources.recipe.name if sources.recipe else Path(job.teacher.directory).name)
+    if not no_card:
+        _note_source_card(job.teacher)
     if sizes is not None and not all_sizes:
         raise LayerspliceError("--sizes picks sizes of --all; add --all (or choose one size with --layers)")
     if all_sizes:
@@ -133,6 +137,13 @@ def _report(built: list, where: Path, as_json: bool) -> None:
         display.built_table(console, built, where)
 
 
+def _note_source_card(teacher: Checkpoint) -> None:
+    """Say so once when the teacher's own card is too large, or not valid, to take its license from."""
+    note = read_source_card(teacher).note
+    if note is not None:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+
+
 def _note_a_slow_cast(tensors: Iterable[PlannedTensor]) -> None:
     """Say so when an F32 -> BF16 cast runs on numpy because the compiled loop is missing."""
     from layersplice.checkpoint.cast import native, switched_off
@@ -189,6 +200,8 @@ def init_student_command(teacher, revision, recipe, first, every, last, copied_t
     named = (("the teacher", checkpoint.directory), ("the recipe", recipe), ("--arch", arch_file))
     inputs = [(what, path) for what, path in named if path is not None]
     alignment, origin = resolve_alignment(specs, layout.n_layers, None)
+    if not no_card:
+        _note_source_card(checkpoint)
     cast = DTYPE_CHOICES[dtype] if dtype else None
     plan_bytes = student_init_plan(layout, alignment, cast).nbytes
     with display.progress_bar() as progress:
