@@ -8,7 +8,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blake3 import blake3
+
 from layersplice.checkpoint.bounded import CONFIG_LIMIT, INDEX_LIMIT, read_bounded
+from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.checkpoint.pickle_weights import PICKLE_INDEX, convert_to_safetensors, pickle_files
 from layersplice.checkpoint.safetensors_format import TensorInfo, read_header
 from layersplice.errors import CheckpointError
@@ -32,8 +35,10 @@ SIDE_FILES = (
     "chat_template.json",
 )
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+COMMIT = re.compile(r"[0-9a-f]{40}")
 # README.md: the model card, whose license the cards of layersplice outputs pass on.
-HUB_PATTERNS = [CONFIG_FILE, INDEX_FILE, "*.safetensors", "student_config.json", "README.md", *SIDE_FILES]
+CARD_FILE = "README.md"
+HUB_PATTERNS = [CONFIG_FILE, INDEX_FILE, "*.safetensors", "student_config.json", CARD_FILE, *SIDE_FILES]
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,24 @@ class Checkpoint:
     def describe(self) -> dict:
         """Where it came from, as provenance records list each source."""
         return {"reference": self.reference, "revision": self.revision, "directory": str(self.directory)}
+
+    @property
+    def commit(self) -> str | None:
+        """The commit a Hub id resolved to (the name of its snapshot folder in the cache); None for a local path."""
+        if Path(self.reference).expanduser() == self.directory or not COMMIT.fullmatch(self.directory.name):
+            return None
+        return self.directory.name
+
+    def identity(self) -> dict[str, str]:
+        """What pins its bytes, for records that must tell two sources apart: the commit of a
+        Hub id, or for a local directory a BLAKE3 digest over every file a build reads
+        (weights, config, index, tokenizer, card), which reads all of them once."""
+        if self.commit is not None:
+            return {"commit": self.commit}
+        names = {CONFIG_FILE, INDEX_FILE, "student_config.json", CARD_FILE, *SIDE_FILES}
+        paths = sorted({*self.files, *(self.directory / n for n in names if (self.directory / n).is_file())})
+        listing = "".join(f"{path.name} {path.stat().st_size} {blake3_file(path)}\n" for path in paths)
+        return {CHECKSUM: blake3(listing.encode()).hexdigest()}
 
 
 def open_checkpoint(reference: str | Path, revision: str | None = None, allow_pickle: bool = False) -> Checkpoint:
