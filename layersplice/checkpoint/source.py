@@ -36,6 +36,7 @@ SIDE_FILES = (
 )
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 COMMIT = re.compile(r"[0-9a-f]{40}")
+COMMIT_KEY = "commit"  # with CHECKSUM, the keys of Checkpoint.identity()
 # README.md: the model card, whose license the cards of layersplice outputs pass on.
 CARD_FILE = "README.md"
 HUB_PATTERNS = [CONFIG_FILE, INDEX_FILE, "*.safetensors", "student_config.json", CARD_FILE, *SIDE_FILES]
@@ -73,7 +74,7 @@ class Checkpoint:
         Hub id, or for a local directory a BLAKE3 digest over every file a build reads
         (weights, config, index, tokenizer, card), which reads all of them once."""
         if self.commit is not None:
-            return {"commit": self.commit}
+            return {COMMIT_KEY: self.commit}
         names = {CONFIG_FILE, INDEX_FILE, "student_config.json", CARD_FILE, *SIDE_FILES}
         paths = sorted({*self.files, *(self.directory / n for n in names if (self.directory / n).is_file())})
         listing = "".join(f"{path.name} {path.stat().st_size} {blake3_file(path)}\n" for path in paths)

@@ -23,7 +23,7 @@ from layersplice.cli.options import (
 from layersplice.errors import LayerspliceError
 from layersplice.checkpoint.source import Checkpoint
 from layersplice.output.build import build_all, build_one, build_part, init_student
-from layersplice.output.card import read_source_card
+from layersplice.output.source_card import read_source_card
 from layersplice.output.family import FamilyProblem, assemble
 from layersplice.planning.alignment import AlignmentSpec, parse_layer_list, resolve_alignment
 from layersplice.planning.job import single_layout

@@ -172,7 +172,7 @@ def build_all(
     """
     plans = plans if plans is not None else all_plans(job, order)
     inputs = tuple(inputs)
-    pinned = pinned_sources(job)
+    pinned = _pinned_sources(job)
     with atomic_directory(out, force, adopt=True, inputs=inputs) as tmp, SourceFiles() as sources:
         run = _FamilyRun(job, name, shard_size, order_record or {"order": order}, card, sources, progress, on_size,
                          inputs)
@@ -204,7 +204,7 @@ def build_part(
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {out.parent}: {exc.strerror}") from None
-    pinned = pinned_sources(job)
+    pinned = _pinned_sources(job)
     with output_lock(out), SourceFiles() as sources:
         _check_family_dir(out, pinned)
         try:
@@ -227,7 +227,7 @@ def build_part(
     return built
 
 
-def pinned_sources(job: Job) -> dict:
+def _pinned_sources(job: Job) -> dict:
     """The sources as a family's part records name them: with the commit each Hub id resolved
     to, or the content digest of each local directory (reading it once)."""
     return {TEACHER: {**job.teacher.describe(), **job.teacher.identity()},

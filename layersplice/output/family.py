@@ -28,9 +28,9 @@ from pathlib import Path
 from layersplice import __version__
 from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.checkpoint.sealed_json import read_sealed, replace_sealed
+from layersplice.checkpoint.source import COMMIT_KEY
 
 PROVENANCE_FILE = "layersplice.json"
-COMMIT = "commit"  # with CHECKSUM: the keys that pin a part's source (Checkpoint.identity)
 MANIFEST_FILE = "manifest.json"
 PARTS_DIR = "parts"
 
@@ -91,8 +91,8 @@ def read_parts(out: Path) -> dict[str, dict]:
 
 def _pinned(source: dict) -> str:
     """A source as a difference is told: the Hub id at its commit, or the local content digest."""
-    if COMMIT in source:
-        return f"{source['reference']} at commit {source[COMMIT]}"
+    if COMMIT_KEY in source:
+        return f"{source['reference']} at commit {source[COMMIT_KEY]}"
     if CHECKSUM in source:
         return f"{source['reference']} with content {CHECKSUM} {source[CHECKSUM]}"
     return f"{source.get('reference')} at revision {source.get('revision')}"
@@ -102,8 +102,8 @@ def _same_source(a: dict, b: dict) -> bool:
     """The same bytes: one Hub id at one commit, or local directories of one content digest
     (their paths may differ between machines). Records written before sources carried
     either are compared by the name and revision asked for."""
-    if COMMIT in a and COMMIT in b:
-        return (a["reference"], a[COMMIT]) == (b["reference"], b[COMMIT])
+    if COMMIT_KEY in a and COMMIT_KEY in b:
+        return (a["reference"], a[COMMIT_KEY]) == (b["reference"], b[COMMIT_KEY])
     if CHECKSUM in a and CHECKSUM in b:
         return a[CHECKSUM] == b[CHECKSUM]
     return (a.get("reference"), a.get("revision")) == (b.get("reference"), b.get("revision"))
@@ -179,24 +179,23 @@ def records_problem(out: Path, where: str, entries: list[dict], sources: dict | 
 
 
 def _without_identity(source: dict) -> dict:
-    return {key: value for key, value in source.items() if key not in (COMMIT, CHECKSUM)}
+    return {key: value for key, value in source.items() if key not in (COMMIT_KEY, CHECKSUM)}
 
 
-def checked_manifest(out: Path) -> tuple[dict, dict[str, dict]]:
-    """(the manifest the parts in OUT make, the parts), every part cross-checked against the
-    records of its sizes; raises FamilyProblem naming the first disagreement."""
-    parts = read_parts(out)
+def checked_manifest(out: Path, parts: dict[str, dict]) -> dict:
+    """The manifest OUT's parts make, each part cross-checked against the records of its sizes;
+    raises FamilyProblem naming the first disagreement."""
     manifest = combined_manifest(parts)
     for part_name, record in parts.items():
         problem = records_problem(out, f"{PARTS_DIR}/{part_name}", record["sizes"], record["sources"])
         if problem:
             raise FamilyProblem(problem)
-    return manifest, parts
+    return manifest
 
 
 def assemble(out: Path) -> dict:
     """Derive manifest.json from every part record in OUT and write it (sealed, atomically)."""
-    manifest, _ = checked_manifest(out)
+    manifest = checked_manifest(out, read_parts(out))
     replace_sealed(out / MANIFEST_FILE, manifest)
     return manifest
 
@@ -221,7 +220,8 @@ def refresh_parts(out: Path) -> dict:
 def assembly_problem(out: Path, manifest: dict) -> str | None:
     """Why OUT's manifest is not the whole family its parts and size directories hold, or None."""
     try:
-        expected = checked_manifest(out)[0] if read_parts(out) else None
+        parts = read_parts(out)
+        expected = checked_manifest(out, parts) if parts else None
     except FamilyProblem as exc:
         return str(exc)
     problem = records_problem(out, MANIFEST_FILE, manifest["sizes"])
