@@ -15,7 +15,9 @@ the index), so neither this script nor anything it runs holds a whole model:
 
 Scenarios: `base` builds the 11-layer interpolation (~1.2 GB), `double` its
 21-layer counterpart (~2.1 GB), `cast` the 11-layer model from the fp32 pair
-with --dtype bf16, `all` runs `build --all` on the base pair (8 sizes).
+with --dtype bf16, `widen` the same from the BF16 pair with --dtype fp32
+(numpy's BF16 -> F32, writing twice the bytes it reads), `all` runs
+`build --all` on the base pair (8 sizes).
 
 Each scenario times, alternately and --repeat times, in fresh processes:
   durable     `layersplice build` as shipped (fsync of every file before the
@@ -70,6 +72,7 @@ SCENARIOS = {  # name: (pair, build arguments, ratio target)
     "all": ("base", ["--all", "--name", "m"], 1.25),
     "double": ("double", ["--layers", "21"], 1.25),
     "cast": ("fp32", ["--layers", "11", "--dtype", "bf16"], 1.5),
+    "widen": ("base", ["--layers", "11", "--dtype", "fp32"], 1.5),
 }
 RSS_LIMIT_MIB, RSS_GROWTH_MIB = 150, 20
 WARM_BYTES = 3 << 30

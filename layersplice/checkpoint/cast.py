@@ -129,14 +129,17 @@ class Cast:
                 finite = finite and (self._finite(chunk, self.src) if check_source else self._finite(written, self.dst))
         return count * self.out_size, finite
 
-    def _finite(self, chunk, dtype: str) -> bool:
-        """Whether no value of a chunk of `dtype` has every exponent bit set: an AND and a
-        max over the chunk while it is in the cache."""
-        np = _numpy()
-        bits = chunk.view(_uint(DTYPE_SIZES[dtype]))
-        masked = self._work[2].view(bits.dtype)[: len(bits)]
-        np.bitwise_and(bits, EXPONENT_BITS[dtype], out=masked)
-        return int(masked.max(initial=0)) != EXPONENT_BITS[dtype]
+    @staticmethod
+    def _finite(chunk, dtype: str) -> bool:
+        """Whether no value of a chunk of `dtype` has every exponent bit set, by two read-only
+        max reductions while the chunk is in the cache: read as signed integers, +inf and
+        +NaN are the largest values; read as unsigned, -inf and -NaN are."""
+        size = DTYPE_SIZES[dtype]
+        unsigned = chunk.view(_uint(size))
+        if not len(unsigned):
+            return True
+        exponent, sign = EXPONENT_BITS[dtype], 1 << (8 * size - 1)
+        return int(unsigned.view(f"int{8 * size}").max()) < exponent and int(unsigned.max()) < sign | exponent
 
     def _non_finite(self, source, output) -> NonFinite:
         """The first non-finite output and the source value it came from (only on failure)."""
@@ -149,11 +152,9 @@ class Cast:
 
     @functools.cached_property
     def _work(self):
-        """float32 and uint32 chunks for the conversion, and one for the check that holds a
-        chunk of either dtype."""
+        """float32 and uint32 chunks for the numpy path."""
         np = _numpy()
-        return (np.empty(CHUNK_ELEMENTS, np.float32), np.empty(CHUNK_ELEMENTS, np.uint32),
-                np.empty(CHUNK_ELEMENTS * max(self.in_size, self.out_size), np.uint8))
+        return np.empty(CHUNK_ELEMENTS, np.float32), np.empty(CHUNK_ELEMENTS, np.uint32)
 
     def _to_f32(self, raw, count: int):
         np = _numpy()

@@ -7,11 +7,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from blake3 import blake3
 
 from layersplice.checkpoint.bounded import CONFIG_LIMIT, INDEX_LIMIT, read_bounded
-from layersplice.checkpoint.digest import CHECKSUM, blake3_file
+from layersplice.checkpoint.digest import CHECKSUM, blake3_fd, blake3_file
 from layersplice.checkpoint.pickle_weights import PICKLE_INDEX, convert_to_safetensors, pickle_files
 from layersplice.checkpoint.safetensors_format import TensorInfo, read_header
 from layersplice.errors import CheckpointError
@@ -69,15 +70,20 @@ class Checkpoint:
             return None
         return self.directory.name
 
-    def identity(self) -> dict[str, str]:
+    def identity(self, weights_fd: Callable[[Path], int] | None = None) -> dict[str, str]:
         """What pins its bytes, for records that must tell two sources apart: the commit of a
         Hub id, or for a local directory a BLAKE3 digest over every file a build reads
-        (weights, config, index, tokenizer, card), which reads all of them once."""
+        (weights, config, index, tokenizer, card), which reads all of them once.
+        `weights_fd` opens the weight files where a build keeps them open anyway."""
         if self.commit is not None:
             return {COMMIT_KEY: self.commit}
+
+        def digest(path: Path) -> str:
+            return blake3_fd(weights_fd(path)) if weights_fd and path in self.files else blake3_file(path)
+
         names = {CONFIG_FILE, INDEX_FILE, "student_config.json", CARD_FILE, *SIDE_FILES}
         paths = sorted({*self.files, *(self.directory / n for n in names if (self.directory / n).is_file())})
-        listing = "".join(f"{path.name} {path.stat().st_size} {blake3_file(path)}\n" for path in paths)
+        listing = "".join(f"{path.name} {path.stat().st_size} {digest(path)}\n" for path in paths)
         return {CHECKSUM: blake3(listing.encode()).hexdigest()}
 
 

@@ -172,8 +172,8 @@ def build_all(
     """
     plans = plans if plans is not None else all_plans(job, order)
     inputs = tuple(inputs)
-    pinned = _pinned_sources(job)
     with atomic_directory(out, force, adopt=True, inputs=inputs) as tmp, SourceFiles() as sources:
+        pinned = _pinned_sources(job, sources)
         run = _FamilyRun(job, name, shard_size, order_record or {"order": order}, card, sources, progress, on_size,
                          inputs)
         built = [run.size(keep, plan, tmp) for keep, plan in plans]
@@ -204,8 +204,8 @@ def build_part(
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {out.parent}: {exc.strerror}") from None
-    pinned = _pinned_sources(job)
     with output_lock(out), SourceFiles() as sources:
+        pinned = _pinned_sources(job, sources)
         _check_family_dir(out, pinned)
         try:
             out.mkdir(exist_ok=True)
@@ -227,11 +227,12 @@ def build_part(
     return built
 
 
-def _pinned_sources(job: Job) -> dict:
+def _pinned_sources(job: Job, sources: SourceFiles) -> dict:
     """The sources as a family's part records name them: with the commit each Hub id resolved
-    to, or the content digest of each local directory (reading it once)."""
-    return {TEACHER: {**job.teacher.describe(), **job.teacher.identity()},
-            STUDENT: {**job.student.describe(), **job.student.identity()}}
+    to, or the content digest of each local directory (read once, through the descriptors
+    the build copies from)."""
+    return {role: {**job.checkpoint(role).describe(), **job.checkpoint(role).identity(sources.fd)}
+            for role in (TEACHER, STUDENT)}
 
 
 def _check_family_dir(out: Path, pinned: dict) -> None:

@@ -11,6 +11,7 @@ one-line note, and the output's card goes without those values.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -37,8 +38,19 @@ class SourceCard:
 
 
 def read_source_card(checkpoint: Checkpoint) -> SourceCard:
-    """The license a model's own card (README.md) states in its front matter, or a note why not."""
+    """The license a model's own card (README.md) states in its front matter, or a note why not.
+
+    Read once per run, though every size's card asks (kept while the file is unchanged)."""
     path = checkpoint.directory / CARD_FILE
+    try:
+        info = os.stat(path)
+    except OSError:
+        return _read_card(path, None)
+    return _read_card(path, (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def _read_card(path: Path, stamp: tuple | None) -> SourceCard:
     front, problem = _front_matter(path)
     if problem is None and front is not None:
         data, problem = _parse_front_matter(front)
