@@ -1,6 +1,6 @@
 """`layersplice build` against `cp` of the same output bytes: wall time and peak RSS.
 
-    python bench/build.py [--repeat 5] [--only base,all,double,cast] [--peers]
+    python bench/build.py [--repeat 5] [--only base,all,double,cast] [--peers] [--against DIR]
 
 Generates once, under bench/.cache/ (gitignored), random-weight Llama-shaped
 teacher/student pairs, each student made of the teacher layers kept by
@@ -15,7 +15,9 @@ the index), so neither this script nor anything it runs holds a whole model:
 
 Scenarios: `base` builds the 11-layer interpolation (~1.2 GB), `double` its
 21-layer counterpart (~2.1 GB), `cast` the 11-layer model from the fp32 pair
-with --dtype bf16, `all` runs `build --all` on the base pair (8 sizes).
+with --dtype bf16, `widen` the same from the BF16 pair with --dtype fp32
+(numpy's BF16 -> F32, writing twice the bytes it reads), `all` runs
+`build --all` on the base pair (8 sizes).
 
 Each scenario times, alternately and --repeat times, in fresh processes:
   durable     `layersplice build` as shipped (fsync of every file before the
@@ -23,6 +25,10 @@ Each scenario times, alternately and --repeat times, in fresh processes:
               copied file
   page cache  the same CLI with its durability work made no-ops (early
               writeback and fsync; nothing else changes)  vs  plain `cp -r`
+With --against DIR (another checkout of layersplice, its compiled cast built
+in place: `python setup.py build_ext --inplace` there), the same durable build
+also runs from DIR in each round, and the summary gives this checkout's time
+as a ratio of DIR's: what a change costs, measured in the same run.
 Before every timed command its input is read through (warm page cache: the
 build's teacher and student, cp's source), and the other pairs are evicted
 from the page cache so that writes find free memory on both sides alike.
@@ -66,9 +72,16 @@ SCENARIOS = {  # name: (pair, build arguments, ratio target)
     "all": ("base", ["--all", "--name", "m"], 1.25),
     "double": ("double", ["--layers", "21"], 1.25),
     "cast": ("fp32", ["--layers", "11", "--dtype", "bf16"], 1.5),
+    "widen": ("base", ["--layers", "11", "--dtype", "fp32"], 1.5),
 }
 RSS_LIMIT_MIB, RSS_GROWTH_MIB = 150, 20
 WARM_BYTES = 3 << 30
+FROM_CHECKOUT = (  # the CLI of the checkout named first on the command line (--against), whatever the cwd
+    "import sys\n"
+    "sys.path.insert(0, sys.argv.pop(1))\n"
+    "from layersplice.cli.main import main\n"
+    "main()\n"
+)
 NO_FSYNC = (  # the CLI with its durability work (early writeback, fsync) made no-ops
     "import layersplice.checkpoint.atomic as atomic, layersplice.checkpoint.writer as writer\n"
     "atomic.fsync_tree = atomic._fsync_dir = lambda path: None\n"
@@ -119,7 +132,7 @@ def cp(source: Path, target: Path, durable: bool) -> list[str]:
     return ["sh", "-c", f'cp -r "$0" "$1"{sync}', str(source), str(target)]
 
 
-def scenario(name: str, repeat: int, work: Path, warm: bool) -> dict:
+def scenario(name: str, repeat: int, work: Path, warm: bool, against: Path | None = None) -> dict:
     pair, options, target = SCENARIOS[name]
     teacher, student = ensure_pair(pair)
     for other in CACHE.iterdir():  # keep memory free: the page cache holds this pair only
@@ -128,13 +141,17 @@ def scenario(name: str, repeat: int, work: Path, warm: bool) -> dict:
     out, copy = work / name, work / f"{name}-cp"
     args = ["build", "--teacher", str(teacher), "--student", str(student), *options, "--out", str(out)]
     runs: dict[str, list[Run]] = {"durable": [], "cp+sync": [], "no-fsync": [], "cp": []}
+    commands = [
+        ("durable", [sys.executable, "-m", "layersplice", *args], None),
+        ("cp+sync", cp(out, copy, durable=True), out),
+        ("no-fsync", [sys.executable, "-c", NO_FSYNC, *args], None),
+        ("cp", cp(out, copy, durable=False), out),
+    ]
+    if against is not None:
+        runs["against"] = []
+        commands.append(("against", [sys.executable, "-c", FROM_CHECKOUT, str(against), *args], None))
     for _ in range(repeat):
-        for label, command, source in (
-            ("durable", [sys.executable, "-m", "layersplice", *args], None),
-            ("cp+sync", cp(out, copy, durable=True), out),
-            ("no-fsync", [sys.executable, "-c", NO_FSYNC, *args], None),
-            ("cp", cp(out, copy, durable=False), out),
-        ):
+        for label, command, source in commands:
             shutil.rmtree(out if source is None else copy, ignore_errors=True)
             for cached in (teacher, student) if source is None else (source,):
                 read_through(cached)
@@ -146,6 +163,7 @@ def scenario(name: str, repeat: int, work: Path, warm: bool) -> dict:
     result = {
         "name": name, "bytes": size, "target": target, "median": med, "cpu": cpu,
         "ratio_durable": med["durable"] / med["cp+sync"], "ratio_page_cache": med["no-fsync"] / med["cp"],
+        "ratio_against": med["durable"] / med["against"] if against is not None else None,
         "rss_mib": max(r.peak_mib for r in runs["durable"] + runs["no-fsync"]),
         "cp_rss_mib": max(r.peak_mib for r in runs["cp"] + runs["cp+sync"]),
         "walls": {label: [round(r.wall, 2) for r in values] for label, values in runs.items()},
@@ -154,7 +172,8 @@ def scenario(name: str, repeat: int, work: Path, warm: bool) -> dict:
         f"{name:6} {size / 1e9:5.2f} GB | durable: build {med['durable']:6.2f} s, cp+sync {med['cp+sync']:6.2f} s,"
         f" ratio {result['ratio_durable']:.2f} | page cache: build {med['no-fsync']:5.2f} s, cp {med['cp']:5.2f} s,"
         f" ratio {result['ratio_page_cache']:.2f} | peak RSS build {result['rss_mib']:.0f} MiB, cp {result['cp_rss_mib']:.0f} MiB"
-        f" | CPU s (user+sys) {', '.join(f'{k} {v:.2f}' for k, v in cpu.items())} | all walls {result['walls']}",
+        + (f" | against {against}: {med['against']:.2f} s, this / that {result['ratio_against']:.2f}" if against else "")
+        + f" | CPU s (user+sys) {', '.join(f'{k} {v:.2f}' for k, v in cpu.items())} | all walls {result['walls']}",
         flush=True,
     )
     return result
@@ -200,6 +219,7 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true", help="Also time a transformers load-splice-save script.")
     parser.add_argument("--cold", action="store_true", help="Do not warm free memory before each command (see warm_free_memory).")
     parser.add_argument("--work", type=Path, default=CACHE / "out", help="Output directory (same file system as the cache).")
+    parser.add_argument("--against", type=Path, help="Another layersplice checkout to time beside this one (durable).")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     # As `pip install` does: without bytecode (PYTHONDONTWRITEBYTECODE, a read-only
@@ -207,7 +227,9 @@ def main() -> None:
     compileall.compile_dir(BENCH.parent / "layersplice", quiet=1)
     print(f"{platform.node()}: python {platform.python_version()}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}, repeat {args.repeat}", flush=True)
-    results = {name: scenario(name, args.repeat, args.work, not args.cold) for name in args.only.split(",")}
+    if args.against is not None:
+        compileall.compile_dir(args.against / "layersplice", quiet=1)
+    results = {name: scenario(name, args.repeat, args.work, not args.cold, args.against) for name in args.only.split(",")}
     if args.peers:
         peers(args.work)
     summary(results)

@@ -21,6 +21,10 @@ class ArchitectureError(LayerspliceError):
     """The model family cannot be described or inferred."""
 
 
+class NonFiniteError(CheckpointError):
+    """A tensor that a command computes from or casts holds NaN or infinity, or would."""
+
+
 class AlignmentError(LayerspliceError):
     """The teacher/student alignment is missing or does not fit the checkpoints."""
 

@@ -81,9 +81,10 @@ def _interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _wait_for_temporary(parent: Path, proc: subprocess.Popen, timeout: float = 60) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _wait_for_temporary(parent: Path, proc: subprocess.Popen, polls: int = 60_000) -> Path:
+    """The build's temporary once it holds data. At least 1 ms between polls: the bound
+    stops a hang (a minute or more), it does not time the build."""
+    for _ in range(polls):
         found = [p for p in _temporaries(parent) if p.is_dir() and any(p.iterdir())]
         if found:
             return found[0]

@@ -1,4 +1,4 @@
-"""Recipes and family descriptions are parsed in bounded time and memory:
+"""Recipes and family descriptions are parsed in bounded memory, without hanging:
 YAML anchors and aliases are refused before anything is built (a "billion
 laughs" document never reaches the schema), files over a generous size cap
 and files that are not regular files are refused with one line, and random
@@ -12,12 +12,11 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from layersplice.architectures import DESCRIPTION_DIR, Description, load_description
@@ -27,6 +26,9 @@ from layersplice.planning.recipe import Recipe, load_recipe
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 BOMB_LEVELS = 10
+# Stops a hang (the expanded bomb ran for more than 30 s); never a speed target: how fast
+# a refusal is, is measured by bench/parse_bounds.py against a plain recipe's load.
+HANG_GUARD_S = 60
 
 
 def billion_laughs(head: str, key: str) -> str:
@@ -46,7 +48,7 @@ class Hung(Exception):
 
 
 @contextmanager
-def hang_guard(seconds: float):
+def hang_guard(seconds: float = HANG_GUARD_S):
     """Fail instead of waiting forever: a deadline on a hang, not a speed target."""
 
     def expire(signum, frame):
@@ -63,7 +65,8 @@ def hang_guard(seconds: float):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     # The timeout only stops a hang (the refusal itself takes milliseconds).
-    return subprocess.run([sys.executable, "-m", "layersplice", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "layersplice", *args], capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
 
 
 def _one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -72,10 +75,10 @@ def _one_error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_an_alias_bomb_recipe_is_refused_within_a_second(tmp_path):
+def test_an_alias_bomb_recipe_is_refused_before_it_expands(tmp_path):
     recipe = tmp_path / "bomb.yaml"
     recipe.write_text(billion_laughs(RECIPE_HEAD, "description"))
-    with hang_guard(1.0), pytest.raises(RecipeError) as raised:
+    with hang_guard(), pytest.raises(RecipeError) as raised:
         load_recipe(recipe)
     assert str(raised.value) == (
         f"{recipe}:5: YAML anchors and aliases (&name, *name) are not accepted here; write the value out in full"
@@ -86,10 +89,10 @@ def test_an_alias_bomb_recipe_is_refused_within_a_second(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.yaml"]
 
 
-def test_an_alias_bomb_description_is_refused_within_a_second(tmp_path):
+def test_an_alias_bomb_description_is_refused_before_it_expands(tmp_path):
     arch = tmp_path / "bomb.yaml"
     arch.write_text(billion_laughs((DESCRIPTION_DIR / "llama.yaml").read_text(), "legacy_names"))
-    with hang_guard(1.0), pytest.raises(ArchitectureError, match="anchors and aliases"):
+    with hang_guard(), pytest.raises(ArchitectureError, match="anchors and aliases"):
         load_description(arch)
     line = _one_error_line(_cli("inspect", str(FIXTURES / "tiny-teacher"), "--arch", str(arch)))
     assert f"{arch}:" in line and "anchors and aliases" in line
@@ -128,7 +131,7 @@ def test_a_recipe_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path
     assert f"{path}: not a regular file" in line
 
 
-# --- property tests: any document gives a value or a one-line user error, in bounded time ---
+# --- property tests: any document gives a value or a one-line user error, never a hang ---
 
 _keys = st.sampled_from(["name", "teacher", "student", "alignment", "first", "every", "last", "order", "out",
                          "dtype", "description", "model_types", "layer_prefixes", "rename", "layer", "x"])
@@ -158,7 +161,7 @@ def _written(text: str):
 
 def _loads_or_refuses_in_one_line(loader, text: str, error: type[Exception], kind: type) -> None:
     directory, path = _written(text)
-    with directory, hang_guard(5.0):
+    with directory, hang_guard():
         try:
             value = loader(path)
         except error as exc:
@@ -167,28 +170,24 @@ def _loads_or_refuses_in_one_line(loader, text: str, error: type[Exception], kin
             assert isinstance(value, kind)
 
 
-@settings(deadline=timedelta(milliseconds=1000))
 @given(st.text(max_size=200))
 def test_any_text_is_a_recipe_or_a_one_line_recipe_error(text):
     _loads_or_refuses_in_one_line(lambda p: load_recipe(p)[0], text, RecipeError, Recipe)
 
 
-@settings(deadline=timedelta(milliseconds=1000))
 @given(_documents)
 def test_any_yaml_document_is_a_recipe_or_a_one_line_recipe_error(document):
     _loads_or_refuses_in_one_line(lambda p: load_recipe(p)[0], yaml.safe_dump(document), RecipeError, Recipe)
 
 
-@settings(deadline=timedelta(milliseconds=1000))
 @given(_documents)
 def test_any_yaml_document_is_a_description_or_a_one_line_architecture_error(document):
     _loads_or_refuses_in_one_line(load_description, yaml.safe_dump(document), ArchitectureError, Description)
 
 
-@settings(deadline=timedelta(milliseconds=1000))
 @given(alias_graphs())
 def test_every_document_with_aliases_is_refused(text):
     for loader, error in ((load_recipe, RecipeError), (load_description, ArchitectureError)):
         directory, path = _written(text)
-        with directory, hang_guard(5.0), pytest.raises(error, match="anchors and aliases"):
+        with directory, hang_guard(), pytest.raises(error, match="anchors and aliases"):
             loader(path)

@@ -49,15 +49,28 @@ def _torch_bf16(values: np.ndarray) -> bytes:
 def test_the_compiled_cast_writes_the_bytes_torch_writes(fastcast):
     values = _f32_edges()
     output = bytearray(values.size * 2)
-    assert fastcast.f32_to_bf16(values.tobytes(), output) == len(output)
+    assert fastcast.f32_to_bf16_checked(values.tobytes(), output) == (len(output), False)
     assert bytes(output) == _torch_bf16(values)
+
+
+def test_the_compiled_cast_says_whether_every_output_is_finite_as_torch_finds_it(fastcast):
+    """NaN and infinity in, and finite values that round past BF16's largest (0x7F7F8000 and up)."""
+    edges = _f32_edges()[:18]
+    spread = np.random.default_rng(3).integers(0x7F7F_0000, 0x7F80_0000, 4000, dtype=np.uint32).view(np.float32)
+    for value in np.concatenate([edges, spread, -spread]):
+        single = np.array([value], np.float32)
+        expected = bool(torch.from_numpy(single).to(torch.bfloat16).isfinite().all())
+        # one odd value inside a long finite run: the vectorized reduction must see it
+        values = np.concatenate([np.full(1000, 0.5, np.float32), single, np.full(77, -0.25, np.float32)])
+        assert fastcast.f32_to_bf16_checked(values.tobytes(), bytearray(2 * values.size))[1] == expected, hex(
+            single.view(np.uint32)[0])
 
 
 def test_the_compiled_cast_takes_buffers_at_any_address(fastcast):
     values = _f32_edges()
     source = memoryview(b"\0" + values.tobytes())[1:]  # odd addresses: not even 2-byte aligned
     output = bytearray(values.size * 2 + 3)
-    fastcast.f32_to_bf16(source, memoryview(output)[3:])
+    fastcast.f32_to_bf16_checked(source, memoryview(output)[3:])
     assert bytes(output[3:]) == _torch_bf16(values)
     assert output[:3] == b"\0\0\0"  # nothing written outside the given range
 
@@ -72,7 +85,7 @@ def test_the_compiled_cast_takes_buffers_at_any_address(fastcast):
 )
 def test_the_compiled_cast_refuses_buffers_that_do_not_fit(fastcast, source, output, error, words):
     with pytest.raises(error, match=words):
-        fastcast.f32_to_bf16(source, output)
+        fastcast.f32_to_bf16_checked(source, output)
 
 
 def test_cast_objects_use_the_compiled_loop_for_f32_to_bf16_only(fastcast):

@@ -9,7 +9,6 @@ with last and first)."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -20,22 +19,18 @@ from PIL import Image
 from layersplice.cli.main import cli
 from layersplice.evaluation.plot import DPI, FIGURE_INCHES
 
-DEMO_SECONDS = 120
-
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> tuple[dict, float, Path]:
+def demo(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("demo") / "out"
-    started = time.perf_counter()
     result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--json"])
-    seconds = time.perf_counter() - started
     assert result.exit_code == 0, result.output + repr(result.exception)
-    return json.loads(result.stdout), seconds, out
+    return json.loads(result.stdout), out
 
 
-def test_demo_finishes_in_two_minutes_and_says_where_everything_went(demo):
-    summary, seconds, out = demo
-    assert seconds < DEMO_SECONDS
+def test_demo_says_where_everything_went(demo):
+    """Its wall time is a benchmark, not a test: bench/demo_time.py, bench/RESULTS.md."""
+    summary, out = demo
     assert Path(summary["sizes_dir"]) == out / "sizes"
     assert (out / "sizes" / "manifest.json").is_file()
     assert [Path(p).parent for p in summary["checkpoints"]] == [out / "sizes"] * len(summary["checkpoints"])

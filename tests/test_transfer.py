@@ -4,6 +4,7 @@ against torch computing the formula from the three checkpoints' own tensors."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import traceback
 from dataclasses import dataclass
@@ -296,3 +297,60 @@ def test_hub_ids_and_revisions_name_the_three_models(trio, tmp_path):
     assert sources["teacher"]["revision"] == COMMIT_B
     written, original = _tensors(out), _tensors(student)  # revision B is the base: the student comes back
     assert all(torch.equal(written[k].view(torch.uint8), original[k].view(torch.uint8)) for k in original)
+
+
+# The model whose tensor holds the bad value, the tensor's name in it, the value, as the error names it.
+NON_FINITE = {
+    "variant-nan": (1, "model.layers.2.mlp.up_proj.weight", math.nan, "teacher (variant)", "NaN"),
+    "base-inf": (0, "model.layers.2.self_attn.q_proj.weight", math.inf, "base teacher", "inf"),
+    "student-nan": (2, "model.layers.1.mlp.down_proj.weight", math.nan, "student", "NaN"),
+    "student-minus-inf": (2, "model.norm.weight", -math.inf, "student", "-inf"),
+}
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("case", sorted(NON_FINITE))
+def test_a_non_finite_source_is_refused_naming_the_tensor_and_the_model(trio, tmp_path, case, dtype):
+    which, name, value, model, shown = NON_FINITE[case]
+    models = list(trio("llama", dtype))
+    tensors = _tensors(models[which])
+    tensors[name].view(-1)[5] = value
+    models[which] = _save(models[which], tmp_path / "bad", tensors)
+    work = tmp_path / "work"
+    work.mkdir()
+    result = _invoke("transfer", "--base-teacher", models[0], "--teacher", models[1], "--student", models[2],
+                     "--out", work / "out", "--json")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines == [f"error: {models[which] / 'model.safetensors'}: tensor '{name}' of the {model} holds {shown} at "
+                     "element 5; transfer refuses non-finite weights, which would spread into the student"]
+    assert list(work.iterdir()) == []
+
+
+def test_a_result_beyond_the_students_dtype_is_refused(trio, tmp_path):
+    base, variant, student = trio("llama", "fp32")
+    name = "model.layers.2.mlp.up_proj.weight"
+    b, v = _tensors(base), _tensors(variant)
+    b[name].view(-1)[7], v[name].view(-1)[7] = -3e38, 3e38  # finite, but v + (s - b) is not
+    work = tmp_path / "work"
+    work.mkdir()
+    result = _invoke("transfer", "--base-teacher", _save(base, tmp_path / "b", b), "--teacher",
+                     _save(variant, tmp_path / "v", v), "--student", student, "--out", work / "out")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (
+        "error: tensor 'model.layers.1.mlp.up_proj.weight': teacher + (student - base_teacher) is inf at element 7, "
+        "beyond the range of the student's F32; transfer refuses to write it")
+    assert list(work.iterdir()) == []
+
+
+def test_transfer_json_is_strict_json_when_nothing_changed(trio, tmp_path):
+    base, _, student = trio("llama", "fp32")
+    result = _invoke("transfer", "--base-teacher", base, "--teacher", base, "--student", student,
+                     "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    similarity = json.loads(result.stdout, parse_constant=refuse)["delta_similarity"]
+    assert similarity["total"] is None and all(row["cosine"] is None for row in similarity["layers"])

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors_files import tensor_locations
 from test_build_memory import COPIED, N_TEACHER, PEAK_RSS_LIMIT_MIB, _write_sharded, big_pair, peak_rss_mib  # noqa: F401
 
-TRANSFER_TIMEOUT_S = 120
+TRANSFER_TIMEOUT_S = 600  # stops a hang; never a speed target (those are in bench/)
 CHECKED_TENSORS = ("model.embed_tokens.weight", "model.layers.3.mlp.down_proj.weight", "lm_head.weight")
 
 

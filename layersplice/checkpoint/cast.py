@@ -7,8 +7,13 @@ elements/s on one core here). Every other pair, and F32 -> BF16 where the loop
 was not built or LAYERSPLICE_NATIVE=0, goes through numpy (~1.5 G elements/s):
 the same bytes, which are torch's. Every cast goes through float32, as
 torch's does: to BF16 it rounds to nearest even (NaN as torch writes it);
-F16/F64 use IEEE conversions (overflow to inf is the cast's meaning, not an
-error).
+F16/F64 use IEEE conversions.
+
+A cast never writes NaN or infinity silently: every chunk's output is checked
+while it is in the cache (in the compiled loop's own pass, or two cheap numpy
+passes per chunk), and a non-finite value raises NonFinite, which says
+whether the source held it or a finite value lay beyond the target's range
+(1e6 cast to F16). Builds then refuse the tensor instead of writing it.
 
 Callers hand over up to IO_ELEMENTS elements at a time. numpy walks them in
 chunks of 128K that stay in the L2 cache between its passes. Input and work
@@ -19,11 +24,12 @@ buffers.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from types import ModuleType
 
-from layersplice.checkpoint.safetensors_format import DTYPE_SIZES
+from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, TensorInfo
 
 CHUNK_ELEMENTS = 1 << 17  # numpy converts this many at a time: fits the L2 cache
 IO_ELEMENTS = 1 << 20  # the most one convert() takes
@@ -31,6 +37,24 @@ IO_ELEMENTS = 1 << 20  # the most one convert() takes
 # its half -> bfloat16 path 0x7FC0.
 BF16_NAN = {"F16": 0x7FC0}
 BF16_NAN_DEFAULT = 0xFFFF
+# The exponent bits of each float dtype: all set means NaN or infinity.
+EXPONENT_BITS = {"BF16": 0x7F80, "F16": 0x7C00, "F32": 0x7F80_0000, "F64": 0x7FF0_0000_0000_0000}
+# Float dtypes by the values they hold: a cast up this order keeps every finite value
+# finite (F32 -> BF16 may round past BF16's largest value, so BF16 sits below F32).
+RANGE_ORDER = ("F16", "BF16", "F32", "F64")
+
+
+class NonFinite(ValueError):
+    """A cast's output holds NaN or infinity at `element` (of the converted chunk).
+
+    `value` is the source's element there: itself NaN or infinite when the source
+    holds it (`in_source`), else a finite value beyond the target's range."""
+
+    def __init__(self, element: int, value: float) -> None:
+        self.element = element
+        self.value = value
+        self.in_source = not math.isfinite(value)
+        super().__init__(f"element {element} ({value!r}) is not finite after the cast")
 
 
 def switched_off() -> bool:
@@ -47,7 +71,8 @@ def native() -> ModuleType | None:
         from layersplice.checkpoint import _fastcast
     except ImportError:
         return None
-    return _fastcast
+    # A build from before the loop checked finiteness has only f32_to_bf16: numpy then.
+    return _fastcast if hasattr(_fastcast, "f32_to_bf16_checked") else None
 
 
 @functools.cache
@@ -68,7 +93,7 @@ class Cast:
         self.in_size, self.out_size = DTYPE_SIZES[src], DTYPE_SIZES[dst]
         self.input = memoryview(bytearray(IO_ELEMENTS * self.in_size))  # for callers to read into
         compiled = native() if (src, dst) == ("F32", "BF16") else None
-        self._compiled = compiled.f32_to_bf16 if compiled else None
+        self._compiled = compiled.f32_to_bf16_checked if compiled else None
 
     @property
     def is_native(self) -> bool:
@@ -76,18 +101,54 @@ class Cast:
 
     def convert(self, source, output) -> memoryview:
         """`source` (a buffer of at most IO_ELEMENTS elements' bytes) converted into
-        `output` (a writable buffer large enough); returns the bytes written."""
+        `output` (a writable buffer large enough); returns the bytes written.
+
+        Raises NonFinite when an output value is NaN or infinite."""
         if self._compiled is not None:
-            return memoryview(output)[: self._compiled(source, output)]
+            written, finite = self._compiled(source, output)
+        else:
+            written, finite = self._numpy_convert(source, output)
+        if not finite:
+            raise self._non_finite(source, memoryview(output)[:written])
+        return memoryview(output)[:written]
+
+    def _numpy_convert(self, source, output) -> tuple[int, bool]:
         np = _numpy()
         raw, out = np.frombuffer(source, np.uint8), np.frombuffer(output, np.uint8)
         count = len(raw) // self.in_size
+        # A cast that cannot overflow writes a non-finite value exactly where the
+        # source holds one; the source is then the smaller side to check.
+        check_source = RANGE_ORDER.index(self.dst) > RANGE_ORDER.index(self.src)
+        finite = True
         with np.errstate(all="ignore"):
             for first in range(0, count, CHUNK_ELEMENTS):
                 n = min(CHUNK_ELEMENTS, count - first)
-                values = self._to_f32(raw[first * self.in_size : (first + n) * self.in_size], n)
-                self._from_f32(values, out[first * self.out_size : (first + n) * self.out_size])
-        return memoryview(output)[: count * self.out_size]
+                chunk = raw[first * self.in_size : (first + n) * self.in_size]
+                written = out[first * self.out_size : (first + n) * self.out_size]
+                self._from_f32(self._to_f32(chunk, n), written)
+                finite = finite and (self._finite(chunk, self.src) if check_source else self._finite(written, self.dst))
+        return count * self.out_size, finite
+
+    @staticmethod
+    def _finite(chunk, dtype: str) -> bool:
+        """Whether no value of a chunk of `dtype` has every exponent bit set, by two read-only
+        max reductions while the chunk is in the cache: read as signed integers, +inf and
+        +NaN are the largest values; read as unsigned, -inf and -NaN are."""
+        size = DTYPE_SIZES[dtype]
+        unsigned = chunk.view(_uint(size))
+        if not len(unsigned):
+            return True
+        exponent, sign = EXPONENT_BITS[dtype], 1 << (8 * size - 1)
+        return int(unsigned.view(f"int{8 * size}").max()) < exponent and int(unsigned.max()) < sign | exponent
+
+    def _non_finite(self, source, output) -> NonFinite:
+        """The first non-finite output and the source value it came from (only on failure)."""
+        np = _numpy()
+        bits = np.frombuffer(output, _uint(self.out_size))
+        mask = EXPONENT_BITS[self.dst]
+        element = int(np.flatnonzero((bits & mask) == mask)[0])
+        raw = memoryview(source)[element * self.in_size : (element + 1) * self.in_size]
+        return NonFinite(element, float(values_of(raw, self.src)[0]))
 
     @functools.cached_property
     def _work(self):
@@ -129,8 +190,34 @@ class Cast:
             out[np.isnan(values)] = BF16_NAN.get(self.src, BF16_NAN_DEFAULT)
 
 
+def values_of(raw, dtype: str):
+    """The values of raw little-endian `dtype` bytes as a numpy array, unchecked (for diagnosing)."""
+    np = _numpy()
+    if dtype == "BF16":
+        return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(raw, _float(dtype))
+
+
+def describe_value(value: float) -> str:
+    return "NaN" if math.isnan(value) else f"{value:g}"
+
+
+def cast_refusal(problem: NonFinite, info: TensorInfo, model: str, first: int, dst: str) -> str:
+    """The one-line error for a non-finite value met while casting elements [first, ...) of
+    `info`, a tensor of `model` (the teacher, the student), to `dst`."""
+    where = f"{info.file}: tensor {info.name!r} of the {model} holds {describe_value(problem.value)} at element " \
+            f"{first + problem.element}"
+    if problem.in_source:
+        return f"{where}; refusing to cast non-finite weights (the checkpoint is damaged or diverged in training)"
+    return f"{where}, beyond the range of {dst}, so the cast would make it infinite; choose a --dtype that holds it"
+
+
 def _float(dtype: str):
     return _numpy().dtype(dtype.replace("F", "float"))  # F16 -> float16
+
+
+def _uint(size: int):
+    return _numpy().dtype(f"uint{8 * size}")
 
 
 _per_thread = threading.local()

@@ -14,6 +14,11 @@ buffers whatever the model size.
 While the operands are in memory, each chunk also adds up the dot product and
 squared norms of the two changes, `variant - base` and `student - base`, in
 float64: the cosine similarity that says how far the transfer can be trusted.
+
+A NaN or infinity in any of the three sources reaches the result, which the
+final cast checks (checkpoint/cast.py); only then are the chunk's sources read
+again to say which model holds it. A result beyond the output dtype's range
+is refused the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, TensorInfo
+from layersplice.errors import NonFiniteError
 
 # (dot(variant - base, student - base), |variant - base|², |student - base|²) of one chunk.
 Products = tuple[float, float, float]
@@ -61,6 +67,10 @@ class DeltaTensor:
         return self.numel * DTYPE_SIZES[self.dtype]
 
     @property
+    def model(self) -> str:
+        return "student"  # as `source` is the student's tensor
+
+    @property
     def is_copy(self) -> bool:
         return False
 
@@ -68,10 +78,15 @@ class DeltaTensor:
     def parts(self) -> tuple[DeltaTensor, ...]:
         return (self,)
 
+    @property
+    def inputs(self) -> tuple[tuple[str, TensorInfo], ...]:
+        """(model, tensor) of the three sources, in the order the arithmetic reads them."""
+        return ("teacher (variant)", self.variant), ("student", self.source), ("base teacher", self.base)
+
     def chunks(self, fd: Callable[[Path], int]) -> Callable[[int, int, bytearray], memoryview]:
         """The writer's chunk function: (first element, count, output buffer) -> bytes written."""
-        fds = (fd(self.variant.file), fd(self.source.file), fd(self.base.file))
-        return functools.partial(_delta_chunk, self, fds)
+        fds = tuple(fd(info.file) for _, info in self.inputs)
+        return functools.partial(_checked_chunk, self, fds)
 
 
 _per_thread = threading.local()
@@ -104,24 +119,52 @@ def _read_f32(fd: int, info: TensorInfo, first: int, count: int, out) -> None:
         cast.convert(target, memoryview(out[:count]).cast("B"))
 
 
-def _delta_chunk(item: DeltaTensor, fds: tuple[int, int, int], first: int, count: int, output) -> memoryview:
+def _checked_chunk(item: DeltaTensor, fds: tuple[int, ...], first: int, count: int, output) -> memoryview:
+    from layersplice.checkpoint.cast import NonFinite
+
+    try:
+        return _delta_chunk(item, fds, first, count, output)
+    except NonFinite as problem:
+        raise NonFiniteError(_refusal(item, fds, first, count, problem)) from None
+
+
+def _refusal(item: DeltaTensor, fds: tuple[int, ...], first: int, count: int, problem) -> str:
+    """Which source holds the chunk's first NaN or infinity; else the result overflowed."""
+    from layersplice.checkpoint.cast import _numpy, describe_value, values_of
+
+    np = _numpy()
+    for fd, (model, info) in zip(fds, item.inputs):
+        size = DTYPE_SIZES[info.dtype]
+        values = values_of(os.pread(fd, count * size, info.start + first * size), info.dtype)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            return (f"{info.file}: tensor {info.name!r} of the {model} holds {describe_value(float(values[bad[0]]))} "
+                    f"at element {first + int(bad[0])}; transfer refuses non-finite weights, which would spread into "
+                    "the student")
+    return (f"tensor {item.name!r}: teacher + (student - base_teacher) is {describe_value(problem.value)} at element "
+            f"{first + problem.element}, beyond the range of the student's {item.dtype}; transfer refuses to write it")
+
+
+def _delta_chunk(item: DeltaTensor, fds: tuple[int, ...], first: int, count: int, output) -> memoryview:
     from layersplice.checkpoint.cast import _numpy, cast_for
 
     np = _numpy()
     variant, student, base, change, unchanged = (array[:count] for array in _work())
-    for fd, info, array in zip(fds, (item.variant, item.source, item.base), (variant, student, base)):
+    for fd, (_, info), array in zip(fds, item.inputs, (variant, student, base)):
         _read_f32(fd, info, first, count, array)
-    np.subtract(student, base, out=change)  # student - base
-    np.subtract(variant, base, out=base)  # variant - base, for the similarity and the mask
-    if item.sink is not None:
-        item.sink(item.name, first, (
-            float(np.einsum("i,i->", base, change, dtype=np.float64)),
-            float(np.einsum("i,i->", base, base, dtype=np.float64)),
-            float(np.einsum("i,i->", change, change, dtype=np.float64)),
-        ))
-    np.add(variant, change, out=variant)  # variant + (student - base)
-    # Where the variant left an element as it was, the exact result is the student's
-    # own value, which rounding student - base to float32 can miss by an ulp.
-    np.equal(base, 0, out=unchanged)
-    np.copyto(variant, student, where=unchanged)
+    # Overflow and NaN are not warnings here: the cast below refuses any non-finite result.
+    with np.errstate(all="ignore"):
+        np.subtract(student, base, out=change)  # student - base
+        np.subtract(variant, base, out=base)  # variant - base, for the similarity and the mask
+        if item.sink is not None:
+            item.sink(item.name, first, (
+                float(np.einsum("i,i->", base, change, dtype=np.float64)),
+                float(np.einsum("i,i->", base, base, dtype=np.float64)),
+                float(np.einsum("i,i->", change, change, dtype=np.float64)),
+            ))
+        np.add(variant, change, out=variant)  # variant + (student - base)
+        # Where the variant left an element as it was, the exact result is the student's
+        # own value, which rounding student - base to float32 can miss by an ulp.
+        np.equal(base, 0, out=unchanged)
+        np.copyto(variant, student, where=unchanged)
     return cast_for("F32", item.dtype).convert(memoryview(variant).cast("B"), output)

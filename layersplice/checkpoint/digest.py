@@ -29,12 +29,17 @@ RangeFn = Callable[[int, int, int], None]  # (fd, offset, length)
 
 def blake3_file(path: Path) -> str:
     """The BLAKE3 hex digest of a whole file (any file, even one that changes meanwhile)."""
-    digest = blake3()
     fd = os.open(path, os.O_RDONLY)
     try:
-        _hash_range(digest, fd, 0, None, bytearray(min(READ_BYTES, max(os.fstat(fd).st_size, 1))))
+        return blake3_fd(fd)
     finally:
         os.close(fd)
+
+
+def blake3_fd(fd: int) -> str:
+    """The BLAKE3 hex digest of the whole file open at `fd` (read with pread: its offset is left alone)."""
+    digest = blake3()
+    _hash_range(digest, fd, 0, None, bytearray(min(READ_BYTES, max(os.fstat(fd).st_size, 1))))
     return digest.hexdigest()
 
 

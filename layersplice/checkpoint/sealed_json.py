@@ -12,11 +12,13 @@ import json
 import os
 from pathlib import Path
 
+from layersplice.checkpoint.strict_json import dumps
+
 CHECKSUM_KEY = "checksum"
 
 
 def _canonical(data: dict) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True) + "\n"
+    return dumps(data) + "\n"
 
 
 def seal(data: dict) -> str:

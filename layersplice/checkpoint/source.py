@@ -8,8 +8,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+from blake3 import blake3
 
 from layersplice.checkpoint.bounded import CONFIG_LIMIT, INDEX_LIMIT, read_bounded
+from layersplice.checkpoint.digest import CHECKSUM, blake3_fd, blake3_file
 from layersplice.checkpoint.pickle_weights import PICKLE_INDEX, convert_to_safetensors, pickle_files
 from layersplice.checkpoint.safetensors_format import TensorInfo, read_header
 from layersplice.errors import CheckpointError
@@ -34,8 +38,10 @@ SIDE_FILES = (
 )
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 COMMIT = re.compile(r"[0-9a-f]{40}")
+COMMIT_KEY = "commit"  # with CHECKSUM, the keys of Checkpoint.identity()
 # README.md: the model card, whose license the cards of layersplice outputs pass on.
-HUB_PATTERNS = [CONFIG_FILE, INDEX_FILE, "*.safetensors", "student_config.json", "README.md", *SIDE_FILES]
+CARD_FILE = "README.md"
+HUB_PATTERNS = [CONFIG_FILE, INDEX_FILE, "*.safetensors", "student_config.json", CARD_FILE, *SIDE_FILES]
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,29 @@ class Checkpoint:
     def hub_name(self) -> str | None:
         """The Hub repo id this model is: the one it was read from, or the one declared for a local copy."""
         return self.reference if self.from_hub else self.hub_id
+
+    @property
+    def commit(self) -> str | None:
+        """The commit a Hub id resolved to (the name of its snapshot folder in the cache); None for a local path."""
+        if not self.from_hub or not COMMIT.fullmatch(self.directory.name):
+            return None
+        return self.directory.name
+
+    def identity(self, weights_fd: Callable[[Path], int] | None = None) -> dict[str, str]:
+        """What pins its bytes, for records that must tell two sources apart: the commit of a
+        Hub id, or for a local directory a BLAKE3 digest over every file a build reads
+        (weights, config, index, tokenizer, card), which reads all of them once.
+        `weights_fd` opens the weight files where a build keeps them open anyway."""
+        if self.commit is not None:
+            return {COMMIT_KEY: self.commit}
+
+        def digest(path: Path) -> str:
+            return blake3_fd(weights_fd(path)) if weights_fd and path in self.files else blake3_file(path)
+
+        names = {CONFIG_FILE, INDEX_FILE, "student_config.json", CARD_FILE, *SIDE_FILES}
+        paths = sorted({*self.files, *(self.directory / n for n in names if (self.directory / n).is_file())})
+        listing = "".join(f"{path.name} {path.stat().st_size} {digest(path)}\n" for path in paths)
+        return {CHECKSUM: blake3(listing.encode()).hexdigest()}
 
     def describe(self) -> dict:
         """Where it came from, as provenance records list each source."""

@@ -30,6 +30,7 @@ from layersplice.checkpoint import kernel
 from layersplice.checkpoint.digest import TrailingDigest
 from layersplice.checkpoint.kernel import preallocate, pwrite_all, start_writeback
 from layersplice.checkpoint.safetensors_format import DTYPE_SIZES, PAGE_BYTES, TensorInfo, encode_header
+from layersplice.errors import NonFiniteError
 
 FORMAT_METADATA = {"format": "pt"}
 # Bytes per copier call, and so how closely the checksum thread follows.
@@ -44,6 +45,7 @@ class WriteItem(Protocol):
     name: str
     source: TensorInfo
     dtype: str
+    model: str  # the model `source` belongs to (the teacher, the student), as errors name it
 
     @property
     def nbytes(self) -> int: ...
@@ -242,7 +244,7 @@ def _copy_range(
 def _chunk_function(item: WriteItem, sources: SourceFiles) -> ChunkFn:
     if isinstance(item, Computed):
         return item.chunks(sources.fd)
-    return functools.partial(_cast_chunk, sources.fd(item.source.file), item.source, item.dtype)
+    return functools.partial(_cast_chunk, sources.fd(item.source.file), item.source, item.dtype, item.model)
 
 
 def _convert_range(
@@ -313,14 +315,17 @@ def _cast_buffers(dtype: str, elements: int) -> queue.SimpleQueue[bytearray]:
     return pool
 
 
-def _cast_chunk(src: int, info: TensorInfo, dtype: str, first: int, count: int, output) -> memoryview:
-    from layersplice.checkpoint.cast import cast_for
+def _cast_chunk(src: int, info: TensorInfo, dtype: str, model: str, first: int, count: int, output) -> memoryview:
+    from layersplice.checkpoint.cast import NonFinite, cast_for, cast_refusal
 
     cast = cast_for(info.dtype, dtype)
     source = cast.input[: count * cast.in_size]
     if os.preadv(src, [source], info.start + first * cast.in_size) != len(source):
         raise OSError(errno.EIO, f"{info.file}: tensor {info.name} is truncated")
-    return cast.convert(source, output)
+    try:
+        return cast.convert(source, output)
+    except NonFinite as problem:
+        raise NonFiniteError(cast_refusal(problem, info, model, first, dtype)) from None
 
 
 @functools.cache

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -37,7 +36,9 @@ from layersplice.cli.options import (
     with_sources,
 )
 from layersplice.errors import LayerspliceError
+from layersplice.checkpoint.source import Checkpoint
 from layersplice.output.build import build_all, build_one, build_part, init_student
+from layersplice.output.source_card import read_source_card
 from layersplice.output.family import FamilyProblem, assemble
 from layersplice.planning.alignment import AlignmentSpec, parse_layer_list, resolve_alignment
 from layersplice.planning.job import single_layout
@@ -92,6 +93,8 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
         sources = dataclasses.replace(sources, job=dataclasses.replace(sources.job, hub_owner=hub_owner))
     job = sources.job
     name = family_name(sources, name)
+    if not no_card:
+        _note_source_card(job.teacher)
     if sizes is not None and not all_sizes:
         raise LayerspliceError("--sizes picks sizes of --all; add --all (or choose one size with --layers)")
     if all_sizes:
@@ -146,9 +149,16 @@ def _pick_sizes(plans: list, layer_counts: tuple[int, ...]) -> list:
 
 def _report(built: list, where: Path, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(display.built_json(built, where), indent=2, sort_keys=True))
+        display.echo_json(display.built_json(built, where))
     else:
         display.built_table(console, built, where)
+
+
+def _note_source_card(teacher: Checkpoint) -> None:
+    """Say so once when the teacher's own card is too large, or not valid, to take its license from."""
+    note = read_source_card(teacher).note
+    if note is not None:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
 
 
 def _note_a_slow_cast(tensors: Iterable[PlannedTensor]) -> None:
@@ -211,6 +221,8 @@ def init_student_command(recipe, teacher, teacher_revision, teacher_id, revision
     named = (("the teacher", checkpoint.directory), ("the recipe", recipe), ("--arch", arch_file))
     inputs = [(what, path) for what, path in named if path is not None]
     alignment, origin = resolve_alignment(specs, layout.n_layers, None)
+    if not no_card:
+        _note_source_card(checkpoint)
     cast = DTYPE_CHOICES[dtype] if dtype else None
     plan_bytes = student_init_plan(layout, alignment, cast).nbytes
     with display.progress_bar() as progress:
@@ -245,7 +257,7 @@ def assemble_command(out: Path, as_json: bool) -> None:
     except FamilyProblem as exc:
         raise LayerspliceError(f"{out}: {exc}") from None
     if as_json:
-        click.echo(json.dumps(manifest, indent=2, sort_keys=True))
+        display.echo_json(manifest)
     else:
         sizes = ", ".join(entry["directory"] for entry in manifest["sizes"])
         console.print(f"wrote {out / 'manifest.json'}: {len(manifest['sizes'])} sizes ({sizes}) from {len(manifest['parts'])} parts", highlight=False)

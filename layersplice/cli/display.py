@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
@@ -13,6 +14,7 @@ from rich.text import Text
 from layersplice import __version__
 from layersplice.architectures.layout import Layout
 from layersplice.checkpoint.source import Checkpoint
+from layersplice.checkpoint.strict_json import dumps
 from layersplice.planning.alignment import read_student_config
 from layersplice.planning.blocks import by_patch, keep_sequence, multi_layer_blocks
 from layersplice.planning.job import Job
@@ -22,11 +24,15 @@ from layersplice.units import format_bytes, format_params
 UNTIED_MARK = "*"
 
 
-def progress_bar() -> Progress:
-    """Bytes written so far, on stderr, gone when done.
+def echo_json(data: dict, sort_keys: bool = True) -> None:
+    """One --json document on stdout; a value that is not finite is null (never NaN, which is not JSON)."""
+    click.echo(dumps(data, sort_keys=sort_keys))
 
-    Off when stderr is not a terminal: there rich draws nothing until the end and
-    then prints an empty line, which would come before an error's line."""
+
+def progress_bar() -> Progress:
+    """Bytes written so far, on stderr, gone when done. Off where stderr is not a terminal:
+    there rich can only print the bar's last state, and it left an empty line before any
+    error line that followed."""
     console = Console(stderr=True)
     return Progress(
         "[progress.description]{task.description}", BarColumn(), DownloadColumn(),

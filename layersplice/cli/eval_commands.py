@@ -11,7 +11,6 @@ commands costs the CLI's start-up nothing.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -121,7 +120,7 @@ def eval_command(data, data_name, sizes, baseline, models_dir, out, name, seq_le
         report["cards"] = [str(card) for card in cards]
         err_console.print(f"recorded results in {len(cards)} model cards; {models_dir} re-sealed", highlight=False)
     if as_json:
-        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        display.echo_json(report)
 
 
 def _evaluate(sources: Sources, request, meta: dict, out: Path, tasks: list[str], include_path, limit,
@@ -241,7 +240,7 @@ def demo(out: Path, as_json: bool) -> None:
     """
     summary = run_demo(out, Console(stderr=True) if as_json else console)
     if as_json:
-        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        display.echo_json(summary)
 
 
 def run_demo(out: Path, console: Console) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -58,7 +57,7 @@ def plan(sources: Sources, params, max_bytes, as_json: bool) -> None:
         if target is not None:
             data["chosen"] = {"keep": target.keep, "layers": target.plan.n_layers, "parameters": target.plan.params,
                               "bytes": target.plan.nbytes, "reason": target.reason}
-        click.echo(json.dumps(data, indent=2))
+        display.echo_json(data, sort_keys=False)
     else:
         display.plan_table(console, job, sources.order, rows)
 
@@ -77,7 +76,7 @@ def inspect(path: str, revision, arch_file, as_json: bool, allow_pickle: bool) -
     checkpoint, layout = single_layout(path, revision, arch_file, allow_pickle)
     info = display.inspect_info(checkpoint, layout)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        display.echo_json(info, sort_keys=False)
     else:
         display.inspect_table(console, info)
 
@@ -116,13 +115,13 @@ def verify(path: Path, against_sources: bool, allow_extra: tuple[str, ...], as_j
         result = verify_path(path, against_sources, allow_extra)
     except LayerspliceError as exc:
         if as_json:  # CI parses stdout; the one-line error and exit 2 still follow
-            click.echo(json.dumps({"ok": False, "path": str(path), "problem": str(exc)}, indent=2))
+            display.echo_json({"ok": False, "path": str(path), "problem": str(exc)}, sort_keys=False)
         raise
     if as_json:
-        click.echo(json.dumps({
+        display.echo_json({
             "ok": True, "path": str(path), "against_sources": against_sources,
             "directories": [str(d) for d in result.directories], "files": result.files, "bytes": result.bytes,
-        }, indent=2))
+        }, sort_keys=False)
         return
     console.print(
         f"[green]ok[/]: {len(result.directories)} output(s), {result.files} files, "

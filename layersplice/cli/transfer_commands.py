@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -118,7 +117,7 @@ def transfer(recipe, base_teacher, base_teacher_revision, base_teacher_id, teach
         "delta_similarity": result.similarity,
     }
     if as_json:
-        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        display.echo_json(summary)
         return
     console.print(
         f"wrote {out}: {format_params(result.params)} parameters, {format_bytes(summary['bytes'])}; "

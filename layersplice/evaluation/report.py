@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from layersplice.checkpoint.strict_json import write_json
 from layersplice.evaluation.perplexity import INTERPOLATED_ROLE, STUDENT_ROLE, TEACHER_ROLE, SizeResult
 from layersplice.evaluation.plot import Curve, plot_family
 from layersplice.units import format_params
@@ -103,10 +103,6 @@ def interpolation_summary(results: list[SizeResult]) -> list[str]:
             f"largest {max(margins.values()):+.3f}"
         )
     return lines
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

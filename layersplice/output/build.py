@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,18 +13,19 @@ from layersplice.checkpoint.atomic import Inputs, atomic_directory, output_lock,
 from layersplice.checkpoint.digest import CHECKSUM
 from layersplice.checkpoint.sealed_json import read_sealed, write_sealed
 from layersplice.checkpoint.source import INDEX_FILE, SIDE_FILES, Checkpoint
+from layersplice.checkpoint.strict_json import write_json
 from layersplice.checkpoint.writer import ProgressFn, SourceFiles, WriteItem, WrittenFile, write_shards
-from layersplice.errors import OutputError
+from layersplice.errors import LayerspliceError, OutputError
 from layersplice.output.card import CARD_FILE, build_card, student_init_card
 from layersplice.output.family import (
-    MANIFEST_FILE, PARTS_DIR, PROVENANCE_FILE, FamilyProblem, assemble, file_record, write_part,
+    MANIFEST_FILE, PARTS_DIR, PROVENANCE_FILE, FamilyProblem, assemble, file_record, refuse_other_sources, write_part,
 )
 from layersplice.output.verify import VerifyError, check_files, check_nothing_else
 from layersplice.planning.alignment import STUDENT_CONFIG_NAME, Alignment
 from layersplice.planning.blocks import Order
 from layersplice.planning.configs import spliced_config
 from layersplice.planning.job import Job
-from layersplice.planning.plan import TEACHER, Plan, student_init_plan
+from layersplice.planning.plan import STUDENT, TEACHER, Plan, student_init_plan
 from layersplice.planning.sizes import all_plans
 
 
@@ -106,10 +106,6 @@ def _provenance(job: Job, plan: Plan, choice: dict, rewritten: dict[str, str], f
     }
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def build_one(
     job: Job, plan: Plan, out: Path, choice: dict, shard_size: int, force: bool,
     progress: ProgressFn | None = None, card: bool = True, *, inputs: Inputs,
@@ -179,10 +175,11 @@ def build_all(
     plans = plans if plans is not None else all_plans(job, order)
     inputs = tuple(inputs)
     with atomic_directory(out, force, adopt=True, inputs=inputs) as tmp, SourceFiles() as sources:
+        pinned = _pinned_sources(job, sources)
         run = _FamilyRun(job, name, shard_size, order_record or {"order": order}, card, sources, progress, on_size,
                          inputs)
         built = [run.size(keep, plan, tmp) for keep, plan in plans]
-        _record_family(tmp, name, job, [b.directory.name for b in built])
+        _record_family(tmp, name, pinned, [b.directory.name for b in built])
     return [Built(out / b.directory.name, b.plan, b.files) for b in built]
 
 
@@ -195,10 +192,13 @@ def build_part(
     """Some sizes of a family into OUT, beside sizes other runs wrote there (family.py).
 
     Each size appears atomically on its own; a size already in OUT is kept
-    when it is intact and exactly this build, else it needs --force. Then
-    this part's record, and the manifest derived from every part in OUT.
-    OUT's lock is held throughout, so a second run into the same OUT (a
-    whole family or a part) refuses while this one writes.
+    when it is intact and exactly this build, else it needs --force. Each
+    finished size is recorded at once: this run's part record (named for its
+    sizes so far, replacing its previous one) and the manifest derived from
+    every part in OUT. So a run that fails or is killed on its third size
+    leaves a family of its first two that verifies, and a rerun keeps them.
+    OUT's lock is held throughout, so a second run into the same OUT (a whole
+    family or a part) refuses while this one writes.
     """
     inputs = tuple(inputs)
     refuse_overlap(out, inputs)
@@ -207,20 +207,38 @@ def build_part(
     except OSError as exc:
         raise OutputError(f"cannot create {out.parent}: {exc.strerror}") from None
     with output_lock(out), SourceFiles() as sources:
-        _check_family_dir(out)
+        pinned = _pinned_sources(job, sources)
+        _check_family_dir(out, pinned)
         try:
             out.mkdir(exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create {out}: {exc.strerror}") from None
         run = _FamilyRun(job, name, shard_size, order_record or {"order": order}, card, sources, progress, on_size,
                          inputs)
-        built = [run.size(keep, plan, out, force) for keep, plan in plans]
-        _record_family(out, name, job, [b.directory.name for b in built])
+        built: list[Built] = []
+        recorded = None
+        for keep, plan in plans:
+            try:
+                built.append(run.size(keep, plan, out, force))
+            except LayerspliceError as exc:
+                if built:
+                    done = ", ".join(b.directory.name for b in built)
+                    raise type(exc)(f"{exc}; {done} finished, recorded in {out} (a rerun keeps them)") from None
+                raise
+            recorded = _record_family(out, name, pinned, [b.directory.name for b in built], replacing=recorded)
     return built
 
 
-def _check_family_dir(out: Path) -> None:
-    """Parts go into a new folder or into a family folder; never into anything else."""
+def _pinned_sources(job: Job, sources: SourceFiles) -> dict:
+    """The sources as a family's part records name them: with the commit each Hub id resolved
+    to, or the content digest of each local directory (read once, through the descriptors
+    the build copies from)."""
+    return {role: {**job.checkpoint(role).describe(), **job.checkpoint(role).identity(sources.fd)}
+            for role in (TEACHER, STUDENT)}
+
+
+def _check_family_dir(out: Path, pinned: dict) -> None:
+    """Parts go into a new folder or into a family folder of the same sources; never into anything else."""
     if not out.exists():
         return
     if not out.is_dir() or out.is_symlink():
@@ -231,15 +249,22 @@ def _check_family_dir(out: Path) -> None:
             f"{out} exists and holds no layersplice family (no {MANIFEST_FILE}); "
             "choose an empty or new --out for a family in parts"
         )
-
-
-def _record_family(out: Path, name: str, job: Job, directories: list[str]) -> None:
-    """This run's part record, then the manifest of every part in OUT."""
     try:
-        write_part(out, name, job.describe_sources(), directories)
+        refuse_other_sources(out, pinned)
+    except FamilyProblem as exc:
+        raise OutputError(f"{out}: {exc}; choose another --out for these models") from None
+
+
+def _record_family(out: Path, name: str, pinned: dict, directories: list[str], replacing: Path | None = None) -> Path:
+    """This run's part record (replacing its record of fewer sizes), then the manifest of every part in OUT."""
+    try:
+        path = write_part(out, name, pinned, directories)
+        if replacing is not None and replacing != path:
+            replacing.unlink(missing_ok=True)
         assemble(out)
     except FamilyProblem as exc:
         raise OutputError(f"{out}: {exc}") from None
+    return path
 
 
 def _verified_files(job: Job, plan: Plan, choice: dict, directory: Path, card: bool) -> dict | None:

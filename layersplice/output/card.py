@@ -11,13 +11,13 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from layersplice.checkpoint.source import COMMIT, Checkpoint
+from layersplice.checkpoint.source import CARD_FILE, Checkpoint  # CARD_FILE: where the outputs' cards go too
+from layersplice.output.source_card import read_source_card
 from layersplice.planning.alignment import Alignment
 from layersplice.planning.job import Job
 from layersplice.planning.plan import Plan
 from layersplice.units import format_params
 
-CARD_FILE = "README.md"
 PAPER = "https://arxiv.org/abs/2510.05064"
 TAGS = ["layersplice", "boomerang-distillation"]
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -70,16 +70,7 @@ def pipeline_of(config: dict) -> tuple[str | None, str]:
 
 def teacher_license(teacher: Checkpoint) -> str | None:
     """The license the teacher's own card states, if it has a card that states one."""
-    from huggingface_hub import ModelCard
-
-    path = teacher.directory / CARD_FILE
-    if not path.is_file():
-        return None
-    try:
-        license_ = ModelCard.load(path).data.license
-    except (ValueError, OSError, UnicodeDecodeError):
-        return None  # a card we cannot parse says nothing we can pass on
-    return license_ if isinstance(license_, str) and license_ else None
+    return read_source_card(teacher).license
 
 
 def render(facts: CardFacts, license_: str | None) -> str:
@@ -172,8 +163,8 @@ def source_arguments(checkpoint: Checkpoint, option: str, revision_option: str) 
     named by that repo (and the revision declared for it)."""
     arguments = [option, shown_name(checkpoint)]
     revision = checkpoint.revision
-    if checkpoint.from_hub and COMMIT.fullmatch(checkpoint.directory.name):
-        revision = checkpoint.directory.name
+    if checkpoint.commit is not None:
+        revision = checkpoint.commit
     if revision:
         arguments += [revision_option, revision]
     return arguments

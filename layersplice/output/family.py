@@ -12,6 +12,13 @@ downloads) never overwrite each other's records. manifest.json has one fixed
 name, so after such a copy it is whichever part's came last; it is always
 derivable from parts/ (`layersplice assemble OUT`), and `verify OUT` fails,
 naming the fix, while it does not equal that derivation.
+
+Records are cross-checked, by `assemble` and by `verify`: every part names
+its sources with what pins their bytes (the commit a Hub id resolved to, or a
+content digest of a local directory), and parts whose sources differ are
+refused; every entry of a part or of the manifest must equal the entry
+derived from the sealed layersplice.json of the size it names, and that
+record must name the part's sources.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 from layersplice import __version__
 from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.checkpoint.sealed_json import read_sealed, replace_sealed
+from layersplice.checkpoint.source import COMMIT_KEY
 
 PROVENANCE_FILE = "layersplice.json"
 DISTILLED = "distill"  # the kind of layersplice.json that `distill` seals into its --out
@@ -38,11 +46,16 @@ def file_record(path: Path) -> dict:
 
 def size_entry(directory: Path) -> dict:
     """The manifest entry of one size, read from its own sealed layersplice.json."""
+    return _size_record(directory)[0]
+
+
+def _size_record(directory: Path) -> tuple[dict, dict]:
+    """(the manifest entry of one size, the sources its sealed layersplice.json names)."""
     provenance, problem = read_sealed(directory / PROVENANCE_FILE)
     if problem:
         raise FamilyProblem(f"{directory}: {problem}")
     files = {**provenance["files"], PROVENANCE_FILE: file_record(directory / PROVENANCE_FILE)}
-    return {
+    entry = {
         "directory": directory.name,
         "layers": len(provenance["layers"]),
         "parameters": provenance["parameters"],
@@ -50,6 +63,7 @@ def size_entry(directory: Path) -> dict:
         "files": files,
         "bytes": sum(f["size"] for f in files.values()),
     }
+    return entry, provenance["sources"]
 
 
 def part_file_name(name: str, layers: list[int]) -> str:
@@ -76,12 +90,32 @@ def read_parts(out: Path) -> dict[str, dict]:
     return parts
 
 
-def _same_models(a: dict, b: dict) -> bool:
-    """Sources agree when they name the same models at the same revisions (local cache paths may differ)."""
-    def names(sources: dict) -> dict:
-        return {role: (s.get("reference"), s.get("revision")) for role, s in sources.items()}
+def _pinned(source: dict) -> str:
+    """A source as a difference is told: the Hub id at its commit, or the local content digest."""
+    if COMMIT_KEY in source:
+        return f"{source['reference']} at commit {source[COMMIT_KEY]}"
+    if CHECKSUM in source:
+        return f"{source['reference']} with content {CHECKSUM} {source[CHECKSUM]}"
+    return f"{source.get('reference')} at revision {source.get('revision')}"
 
-    return names(a) == names(b)
+
+def _same_source(a: dict, b: dict) -> bool:
+    """The same bytes: one Hub id at one commit, or local directories of one content digest
+    (their paths may differ between machines). Records written before sources carried
+    either are compared by the name and revision asked for."""
+    if COMMIT_KEY in a and COMMIT_KEY in b:
+        return (a["reference"], a[COMMIT_KEY]) == (b["reference"], b[COMMIT_KEY])
+    if CHECKSUM in a and CHECKSUM in b:
+        return a[CHECKSUM] == b[CHECKSUM]
+    return (a.get("reference"), a.get("revision")) == (b.get("reference"), b.get("revision"))
+
+
+def _source_difference(a: dict, b: dict) -> tuple[str, str, str] | None:
+    """(role, a's source, b's source) of the first role whose sources differ, or None when all agree."""
+    for role in sorted(a.keys() | b.keys()):
+        if role not in a or role not in b or not _same_source(a[role], b[role]):
+            return role, _pinned(a.get(role, {})), _pinned(b.get(role, {}))
+    return None
 
 
 def combined_manifest(parts: dict[str, dict]) -> dict:
@@ -91,10 +125,12 @@ def combined_manifest(parts: dict[str, dict]) -> dict:
     first_name, first = next(iter(parts.items()))
     sizes: dict[str, dict] = {}
     for part_name, record in parts.items():
-        if not _same_models(record["sources"], first["sources"]):
+        difference = _source_difference(record["sources"], first["sources"])
+        if difference is not None:
+            role, its, theirs = difference
             raise FamilyProblem(
-                f"{PARTS_DIR}/{part_name} was built from other models than {PARTS_DIR}/{first_name}; "
-                "a family holds the sizes of one teacher/student pair"
+                f"{PARTS_DIR}/{part_name} was built from other models than {PARTS_DIR}/{first_name}: its {role} is "
+                f"{its}, theirs {theirs}; a family holds the sizes of one teacher/student pair"
             )
         for entry in record["sizes"]:
             if sizes.setdefault(entry["directory"], entry) != entry:
@@ -110,9 +146,57 @@ def combined_manifest(parts: dict[str, dict]) -> dict:
     }
 
 
+def refuse_other_sources(out: Path, sources: dict) -> None:
+    """Raise FamilyProblem when a part already in OUT was built from other sources than `sources`."""
+    for part_name, record in read_parts(out).items():
+        difference = _source_difference(record["sources"], sources)
+        if difference is not None:
+            role, its, this_run = difference
+            raise FamilyProblem(f"{PARTS_DIR}/{part_name} was built from other models: its {role} is {its}, "
+                                f"this run's {this_run}")
+
+
+def records_problem(out: Path, where: str, entries: list[dict], sources: dict | None = None) -> str | None:
+    """Why an entry of a part or manifest disagrees with the sealed layersplice.json of the size it
+    names (any field, now or added later: the entry is derived again and compared whole), or why that
+    record names other sources than `sources` (a part's); None when all agree."""
+    for entry in entries:
+        name = entry.get("directory")
+        if not isinstance(name, str) or Path(name).name != name:
+            return f"{where}: size directory {name!r} is not a plain name"
+        try:
+            own, own_sources = _size_record(out / name)
+        except FamilyProblem as exc:
+            return f"{where} lists {name}, but {exc}"
+        differ = sorted(key for key in own.keys() | entry.keys() if own.get(key) != entry.get(key))
+        if differ:
+            return (
+                f"{where} records {name} with other {', '.join(differ)} than {name}/{PROVENANCE_FILE}; the "
+                f"record is stale or was edited: rebuild that size with --force, or remove the stale record"
+            )
+        if sources is not None and own_sources != {role: _without_identity(s) for role, s in sources.items()}:
+            return f"{name}/{PROVENANCE_FILE} names other sources than {where}; rebuild that size with --force"
+    return None
+
+
+def _without_identity(source: dict) -> dict:
+    return {key: value for key, value in source.items() if key not in (COMMIT_KEY, CHECKSUM)}
+
+
+def checked_manifest(out: Path, parts: dict[str, dict]) -> dict:
+    """The manifest OUT's parts make, each part cross-checked against the records of its sizes;
+    raises FamilyProblem naming the first disagreement."""
+    manifest = combined_manifest(parts)
+    for part_name, record in parts.items():
+        problem = records_problem(out, f"{PARTS_DIR}/{part_name}", record["sizes"], record["sources"])
+        if problem:
+            raise FamilyProblem(problem)
+    return manifest
+
+
 def assemble(out: Path) -> dict:
     """Derive manifest.json from every part record in OUT and write it (sealed, atomically)."""
-    manifest = combined_manifest(read_parts(out))
+    manifest = checked_manifest(out, read_parts(out))
     replace_sealed(out / MANIFEST_FILE, manifest)
     return manifest
 
@@ -152,9 +236,12 @@ def assembly_problem(out: Path, manifest: dict) -> str | None:
     """Why OUT's manifest is not the whole family its parts and size directories hold, or None."""
     try:
         parts = read_parts(out)
-        expected = combined_manifest(parts) if parts else None
+        expected = checked_manifest(out, parts) if parts else None
     except FamilyProblem as exc:
         return str(exc)
+    problem = records_problem(out, MANIFEST_FILE, manifest["sizes"])
+    if problem:
+        return problem
     fix = f"run `layersplice assemble {out}` after copying parts together"
     if expected is not None:
         listed = {e["directory"] for e in manifest["sizes"]}
