@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from layersplice.checkpoint.source import COMMIT, Checkpoint
+from layersplice.checkpoint.source import Checkpoint, pinned_revision
 from layersplice.planning.alignment import Alignment
 from layersplice.planning.job import Job
 from layersplice.planning.plan import Plan
@@ -171,9 +171,7 @@ def source_arguments(checkpoint: Checkpoint, option: str, revision_option: str) 
     after the repository moves on. A local copy declared to be a Hub repo is
     named by that repo (and the revision declared for it)."""
     arguments = [option, shown_name(checkpoint)]
-    revision = checkpoint.revision
-    if checkpoint.from_hub and COMMIT.fullmatch(checkpoint.directory.name):
-        revision = checkpoint.directory.name
+    revision = pinned_revision(checkpoint.reference, checkpoint.directory, checkpoint.revision)
     if revision:
         arguments += [revision_option, revision]
     return arguments
