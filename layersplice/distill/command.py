@@ -125,7 +125,7 @@ def distill_command(config, teacher, student, teacher_revision, teacher_id, stud
 
     \b
     Examples:
-      layersplice distill --teacher T --student S --data corpus/ --out run1
+      layersplice distill --teacher T --student S --data YOUR_CORPUS/ --out run1
       layersplice distill --config run.yaml --steps 100 --out run2   (the flag overrides the file)
       torchrun --nproc_per_node 8 -m layersplice.distill.command \\
           --teacher Qwen/Qwen3-4B --student S --dataset NAME --out run1 --compile

@@ -53,7 +53,7 @@ def tokenize_command(teacher, teacher_revision, teacher_id, files, dataset, data
 
     \b
     Examples:
-      layersplice tokenize --teacher T --data corpus/ --seq-len 2048 --out corpus-tokens
+      layersplice tokenize --teacher T --data YOUR_CORPUS/ --seq-len 2048 --out corpus-tokens
       layersplice distill --teacher T --student S --data corpus-tokens --seq-len 2048 --out run1
     """
     spec = DataSpec(files=tuple(files), dataset=dataset, dataset_config=dataset_config, split=split,
