@@ -179,6 +179,43 @@ def test_keep_checkpoints_keeps_them_and_verify_names_them(pair, tmp_path):
     assert layersplice("verify", out, "--allow-extra", "checkpoints").exit_code == 0
 
 
+
+def test_local_models_declared_by_hub_id_are_named_by_it_in_the_card_and_record(pair, tmp_path):
+    """--teacher-id from a --config file, --student-id from the command line: the card's base_model and
+    commands name the Hub repos, as build cards do, and no local path of either model."""
+    teacher, student, data = pair
+    config = tmp_path / "run.yaml"
+    config.write_text(f"teacher: {teacher}\nteacher_id: org/teacher\nteacher_revision: v1\n")
+    out = tmp_path / "declared"
+    result = layersplice("distill", "--config", config, "--student", student, "--student-id", "org/student",
+                         "--data", data, "--out", out, *small_run("--steps", "1", "--val-tokens", "0"))
+    assert result.exit_code == 0, result.output
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == ["org/teacher"] and card.data.base_model_relation == "finetune"
+    assert "The student of `org/teacher`" in card.text and "from the initial student `org/student`" in card.text
+    trained_with = re.search(r"## How it was trained\n\n```bash\n(.*)\n```", card.text).group(1)
+    assert trained_with.startswith(
+        "layersplice distill --teacher org/teacher --teacher-revision v1 --student org/student --data ")
+    assert "--teacher-id" not in trained_with and "--student-id" not in trained_with
+    assert "--teacher org/teacher --teacher-revision v1 --student declared --all" in card.text
+    assert str(teacher) not in card.text and str(student) not in card.text
+    record, _ = read_sealed(out / "layersplice.json")
+    assert record["sources"]["teacher"] == {"reference": str(teacher), "revision": "v1", "directory": str(teacher),
+                                            "hub_id": "org/teacher"}
+    assert record["settings_from"]["teacher_id"] == "config file" and record["settings"]["student_id"] == "org/student"
+    verified = layersplice("verify", out, "--against-sources")
+    assert verified.exit_code == 0, verified.output
+
+
+def test_a_declared_hub_id_that_is_no_repo_id_is_refused_before_the_run(pair, tmp_path):
+    teacher, student, data = pair
+    out = tmp_path / "never"
+    result = layersplice("distill", "--teacher", teacher, "--student", student, "--student-id", "org/a b",
+                         "--data", data, "--out", out, *small_run("--steps", "1"))
+    assert result.exit_code == 2 and not out.exists()
+    assert result.stderr.splitlines() == [
+        "error: --student-id 'org/a b': not a Hub repo id; give OWNER/NAME, e.g. Qwen/Qwen3-4B-Base"]
+
 @pytest.mark.parametrize(("text", "line", "message"), [
     ("steps: 4\nlr_rate: 0.1\n", 2, "lr_rate: unknown key; the keys are the options of `layersplice distill --help`"),
     ("seq_lne: 64\n", 1, "seq_lne: unknown key; did you mean seq_len?"),

@@ -33,13 +33,12 @@ PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*(\.[a-z]+)?/?")
 
 
 def helps() -> dict[str, str]:
-    """--help of the group and of every command but distill (its options are defined beside this work)."""
+    """--help of the group and of every command (distill and tokenize loaded in full)."""
     ctx = click.Context(cli, resilient_parsing=True, info_name="layersplice")
     texts = {"layersplice": cli.get_help(ctx)}
     for name in cli.list_commands(ctx):
-        if name != "distill":
-            command = cli.get_command(ctx, name)
-            texts[name] = command.get_help(click.Context(command, parent=ctx, info_name=name))
+        command = cli.get_command(ctx, name)
+        texts[name] = command.get_help(click.Context(command, parent=ctx, info_name=name))
     return texts
 
 

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hub_support import put_snapshot
 from test_distill_support import make_tokenizer, sentences, write_jsonl
 
 from layersplice.checkpoint.sealed_json import write_sealed
 from layersplice.cli.main import cli
 
 SEQ_LEN = 16
+COMMIT = "d" * 40
 DOCS = sentences(60, seed=8)
 
 
@@ -134,3 +139,44 @@ def test_an_output_inside_the_data_is_refused(teacher_dir, tmp_path):
                     "--out", tmp_path / "corpus" / "tokens")
     assert result.exit_code == 2 and "lies inside --data" in result.output
     assert [p.name for p in (tmp_path / "corpus").iterdir()] == ["docs.jsonl"]
+
+
+def _tokenize_offline(cache, *args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "layersplice", "tokenize", *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_hub_teacher_resolves_from_the_cache_and_a_local_copy_is_named_by_its_declared_id(teacher_dir, tmp_path):
+    data = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    cache = tmp_path / "cache"
+    put_snapshot(cache, "org/teacher", COMMIT, teacher_dir)
+    split = ("--val-tokens", 50, "--num-proc", 1)
+    tokenize(teacher_dir, data, tmp_path / "local", *split)
+    from_hub = _tokenize_offline(cache, "--teacher", "org/teacher", "--data", data, "--out", tmp_path / "hub",
+                                 "--seq-len", SEQ_LEN, *split)
+    assert from_hub.returncode == 0, from_hub.stderr[-3000:]
+    tokenize(teacher_dir, data, tmp_path / "declared", "--teacher-id", "org/teacher", "--teacher-revision", "v1", *split)
+
+    records = {name: json.loads((tmp_path / name / "layersplice.json").read_text())["tokenizer"]
+               for name in ("local", "hub", "declared")}
+    assert (records["local"]["from"], records["local"]["revision"]) == (str(teacher_dir), None)
+    assert (records["hub"]["from"], records["hub"]["revision"]) == ("org/teacher", COMMIT)  # the commit read
+    assert (records["declared"]["from"], records["declared"]["revision"]) == ("org/teacher", "v1")
+    assert len({record["digest"] for record in records.values()}) == 1  # one tokenizer: distill takes each
+    for name in ("hub", "declared"):
+        for blocks in ("train.bin", "val.bin"):
+            assert (tmp_path / name / blocks).read_bytes() == (tmp_path / "local" / blocks).read_bytes()
+        assert invoke("verify", tmp_path / name).exit_code == 0
+
+    missing = _tokenize_offline(cache, "--teacher", "org/absent", "--data", data, "--out", tmp_path / "never")
+    assert missing.returncode == 2 and not (tmp_path / "never").exists()
+    assert missing.stderr.splitlines() == [
+        "error: --teacher org/absent: not a local directory and not in the Hugging Face cache (offline mode or no "
+        "network); download it first or unset HF_HUB_OFFLINE"
+    ]
+    mistaken = invoke("tokenize", "--teacher", teacher_dir, "--teacher-id", "not a repo", "--data", data,
+                      "--out", tmp_path / "never")
+    assert mistaken.exit_code == 2 and not (tmp_path / "never").exists()
+    assert mistaken.output.strip().splitlines() == [
+        "error: --teacher-id 'not a repo': not a Hub repo id; give OWNER/NAME, e.g. Qwen/Qwen3-4B-Base"]

@@ -64,7 +64,7 @@ class Checkpoint:
     @property
     def from_hub(self) -> bool:
         """Named by a Hub repo id (resolved through the cache), not by a local path."""
-        return Path(self.reference).expanduser() != self.directory
+        return read_from_hub(self.reference, self.directory)
 
     @property
     def hub_name(self) -> str | None:
@@ -74,9 +74,7 @@ class Checkpoint:
     @property
     def commit(self) -> str | None:
         """The commit a Hub id resolved to (the name of its snapshot folder in the cache); None for a local path."""
-        if not self.from_hub or not COMMIT.fullmatch(self.directory.name):
-            return None
-        return self.directory.name
+        return pinned_revision(self.reference, self.directory, None)
 
     def identity(self, weights_fd: Callable[[Path], int] | None = None) -> dict[str, str]:
         """What pins its bytes, for records that must tell two sources apart: the commit of a
@@ -101,23 +99,57 @@ class Checkpoint:
 
 
 def declare_hub_id(checkpoint: Checkpoint, hub_id: str | None, option: str) -> Checkpoint:
-    """The checkpoint as a copy of the Hub repo `hub_id` (given by `option`), so cards can name it.
+    """The checkpoint as a copy of the Hub repo `hub_id` (given by `option`), so cards can name it."""
+    declared, revision = declared_copy(checkpoint.reference, checkpoint.directory, checkpoint.revision, hub_id, option)
+    return dataclasses.replace(checkpoint, hub_id=declared, revision=revision) if declared else checkpoint
+
+
+def declared_copy(reference: str, directory: Path, revision: str | None, hub_id: str | None,
+                  option: str) -> tuple[str | None, str | None]:
+    """(Hub repo, revision) of the model named `reference` and read from `directory`, when `option`
+    declares it a local copy of the Hub repo `hub_id`; (None, revision) when nothing is declared.
 
     Without a declared revision, the commit `hf download --local-dir` recorded
-    beside the copy's config.json is taken, when there is one."""
+    beside the copy's config.json is taken, when there is one. Works on a bare
+    directory too (tokenize reads only the teacher's tokenizer)."""
     if hub_id is None:
-        return checkpoint
+        return None, revision
     if REPO_ID.fullmatch(hub_id) is None:
         raise CheckpointError(f"{option} {hub_id!r}: not a Hub repo id; give OWNER/NAME, e.g. Qwen/Qwen3-4B-Base")
-    if checkpoint.from_hub:
-        if hub_id == checkpoint.reference:
-            return checkpoint
+    if read_from_hub(reference, directory):
+        if hub_id == reference:
+            return None, revision
         raise CheckpointError(
-            f"{option} {hub_id}: the model was read from the Hub repo {checkpoint.reference} itself; "
+            f"{option} {hub_id}: the model was read from the Hub repo {reference} itself; "
             f"{option} names the repo a local copy came from, so drop it"
         )
-    revision = checkpoint.revision or _downloaded_revision(checkpoint.directory)
-    return dataclasses.replace(checkpoint, hub_id=hub_id, revision=revision)
+    return hub_id, revision or _downloaded_revision(directory)
+
+
+def read_from_hub(reference: str, directory: Path) -> bool:
+    """Whether `reference` was a Hub repo id resolved through the cache (to `directory`), not a local path."""
+    return Path(reference).expanduser() != directory
+
+
+def pinned_revision(reference: str, directory: Path, revision: str | None) -> str | None:
+    """The revision that names these very bytes: for a Hub model, the commit that was read (the name of
+    its snapshot folder in the cache), which stays after the repository moves on; else `revision`."""
+    if read_from_hub(reference, directory) and COMMIT.fullmatch(directory.name):
+        return directory.name
+    return revision
+
+
+def resolve_declared(reference: str, revision: str | None, hub_id: str | None,
+                     option: str) -> tuple[Path, str | None, str | None]:
+    """(directory, declared Hub repo, revision) of the model `option` names by path or Hub id, where
+    `option`-id may declare the Hub repo a local copy came from (see declared_copy); errors name `option`.
+
+    For commands that read a model's directory whole (distill, tokenize), not its headers."""
+    try:
+        directory = resolve_directory(reference, revision)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{option} {exc}") from None
+    return (directory, *declared_copy(reference, directory, revision, hub_id, f"{option}-id"))
 
 
 def _downloaded_revision(directory: Path) -> str | None:

@@ -2,6 +2,8 @@
 share and how they resolve into sources (options.py), one module per family of
 commands, and the tables they print (display.py).
 
-Nothing outside this package imports it; `distill`, which needs torch, is loaded
-from layersplice/distill/command.py only when it is called.
+Nothing below the command line imports it. `distill` and `tokenize`, which need
+torch, are loaded from layersplice/distill/command.py and tokenize_command.py
+only when called; being command-line modules, they take their shared options
+from options.py.
 """

@@ -61,8 +61,8 @@ def model_options(role: str, required: bool = False) -> list:
             f"Hub revision (branch, tag or commit) of the {named}; for a local copy named with {flag}-id, "
             "the revision it was downloaded at (default: the commit `hf download` noted in the copy).")),
         click.option(f"{flag}-id", metavar="OWNER/NAME", help=(
-            f"The Hub repo a local {flag} is a copy of (e.g. from `hf download`): model cards name it as "
-            "their base_model and in their commands instead of the local path.")),
+            f"The Hub repo a local {flag} is a copy of (e.g. from `hf download`): outputs name it instead of "
+            "the local path (model cards as their base_model and in their commands).")),
     ]
 
 
@@ -124,11 +124,33 @@ hub_owner_option = click.option(
 revision_option = click.option("--revision", help="Hub revision (branch, tag or commit) when PATH is a repo id.")
 device_option = click.option(
     "--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-    help="Where the models run: auto (the GPU if torch sees one), cpu or cuda.",
+    help="Where the models run: auto (the GPU if torch sees one), cpu or cuda (under torchrun: each process's "
+         "own GPU).",
 )
 text_field_option = click.option(
     "--text-field", default="text", show_default=True, help="Field or column that holds the text.",
 )
+# Where distill and tokenize read their text from (beside each one's own --data).
+data_source_options = with_options(
+    click.option("--dataset", help="A dataset streamed by datasets.load_dataset: hub name or local folder."),
+    click.option("--dataset-config", help="The dataset's configuration name, if it has several."),
+    click.option("--split", default="train", show_default=True,
+                 help="The split of --dataset (or of a saved dataset given to --data) to read; the validation "
+                      "documents are held out of it."),
+    text_field_option,
+)
+
+
+def holdout_options(default_val_tokens: int):
+    """--val-tokens and --val-fraction, the validation split of distill's and tokenize's text.
+
+    The default is the caller's (distill/config.py, which imports torch; this module must not)."""
+    return with_options(
+        click.option("--val-tokens", type=int, help=(
+            f"Hold out the first documents, up to this many tokens, for validation [default: {default_val_tokens}].")),
+        click.option("--val-fraction", type=float,
+                     help="Hold out this fraction of the documents instead (local data only)."),
+    )
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,19 @@ from pathlib import Path
 
 import click
 
-from layersplice.checkpoint.source import resolve_directory
+from layersplice.checkpoint.source import resolve_declared
+from layersplice.cli.options import (
+    data_source_options,
+    device_option,
+    holdout_options,
+    json_option,
+    model_options,
+    with_options,
+)
 from layersplice.distill.config import DEFAULT_VAL_TOKENS, DataSpec, DistillConfig
 from layersplice.distill.losses import LossWeights
 from layersplice.distill.run_file import read_config_file, run_settings
-from layersplice.errors import CheckpointError, LayerspliceError
+from layersplice.errors import LayerspliceError
 
 
 def _default(cls, name: str):
@@ -32,12 +40,7 @@ _dir = click.Path(file_okay=False, path_type=Path)
               callback=read_config_file,
               help="YAML file of this command's options, keyed by option name with - as _ (seq_len: 2048, "
                    "data: [a.jsonl]); options given on the command line override it.")
-@click.option("--teacher", required=True, help="Teacher: local directory or Hugging Face repo id.")
-@click.option("--student", required=True,
-              help="Initial student from init-student (with student_config.json): local directory or "
-                   "Hugging Face repo id.")
-@click.option("--teacher-revision", help="Hub revision (branch, tag or commit) of the teacher.")
-@click.option("--student-revision", help="Hub revision (branch, tag or commit) of the student.")
+@with_options(*model_options("teacher", required=True), *model_options("student", required=True))
 @click.option("--out", type=_dir, required=True,
               help="Directory for the distilled student (with its model card and sealed layersplice.json, "
                    "so `layersplice verify` checks it) and metrics.jsonl; checkpoints/ while unfinished.")
@@ -45,22 +48,13 @@ _dir = click.Path(file_okay=False, path_type=Path)
               help="Text: .txt (one document a file), .jsonl, .parquet, a directory of them, "
                    "or a saved datasets directory. Repeatable. Or the output of `layersplice tokenize` "
                    "(alone), read from a memory map with no tokenizing.")
-@click.option("--dataset", help="A dataset streamed by datasets.load_dataset: hub name or local folder.")
-@click.option("--dataset-config", help="The dataset's configuration name, if it has several.")
-@click.option("--split", default=_default(DataSpec, "split"), show_default=True,
-              help="The split of --dataset to train on (validation is held out of it).")
-@click.option("--text-field", default=_default(DataSpec, "text_field"), show_default=True,
-              help="Field or column that holds the text.")
+@data_source_options
 @click.option("--synthetic-data", is_flag=True,
               help="Random tokens instead of text (benchmarks; needs no tokenizer).")
 @click.option("--seq-len", type=int, default=_default(DataSpec, "seq_len"), show_default=True,
               help="Tokens per training sequence: documents are packed into blocks of this length "
                    "(at most the models' context).")
-@click.option("--val-tokens", type=int,
-              help="Hold out the first documents, up to this many tokens, for validation "
-                   f"[default: {DEFAULT_VAL_TOKENS}].")
-@click.option("--val-fraction", type=float,
-              help="Hold out this fraction of the documents instead (local data only).")
+@holdout_options(DEFAULT_VAL_TOKENS)
 @click.option("--shuffle-window", type=int, default=_default(DataSpec, "shuffle_window"),
               show_default=True, help="Training blocks of raw text are shuffled within windows of this "
                                       "many (tokenized data: across all blocks, each epoch).")
@@ -94,8 +88,7 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.option("--keep-checkpoints", is_flag=True,
               help="Keep checkpoints/ (fp32 weights and optimizer state) once the run is done; by default a "
                    "finished run removes it, leaving --out as the sealed student and nothing else.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="auto (the GPU if there is one), cpu or cuda (under torchrun: each process's own GPU).")
+@device_option
 @click.option("--loss-chunk-tokens", type=int,
               help="CE and KL are computed from the final hidden states and the heads, this many "
                    "tokens at a time, so the full [tokens x vocabulary] logits never exist. "
@@ -113,10 +106,9 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.option("--peak-tflops", type=float,
               help="The device's peak TFLOP/s, for MFU on the progress line and in metrics.jsonl "
                    "[default: known for common GPUs (bf16 dense); none on CPU].")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON document on stdout (paths, layers, parameters, bytes, checksums); "
-                   "messages go to stderr.")
-def distill_command(config, teacher, student, teacher_revision, student_revision, out, files, dataset,
+@json_option
+def distill_command(config, teacher, student, teacher_revision, teacher_id, student_revision, student_id, out,
+                    files, dataset,
                     dataset_config, split, text_field, synthetic_data, seq_len, val_tokens, val_fraction,
                     shuffle_window, seed, kl_weight, temperature, cos_weight, compile_layers, as_json,
                     **training) -> None:
@@ -133,7 +125,7 @@ def distill_command(config, teacher, student, teacher_revision, student_revision
 
     \b
     Examples:
-      layersplice distill --teacher T --student S --data corpus/ --out run1
+      layersplice distill --teacher T --student S --data YOUR_CORPUS/ --out run1
       layersplice distill --config run.yaml --steps 100 --out run2   (the flag overrides the file)
       torchrun --nproc_per_node 8 -m layersplice.distill.command \\
           --teacher Qwen/Qwen3-4B --student S --dataset NAME --out run1 --compile
@@ -148,19 +140,21 @@ def distill_command(config, teacher, student, teacher_revision, student_revision
     )
     loss = LossWeights(kl=kl_weight, temperature=temperature, cos=cos_weight)
     record = distill(DistillConfig(
-        teacher=_local("--teacher", teacher, teacher_revision), student=_local("--student", student, student_revision),
+        teacher=_local("--teacher", teacher, teacher_revision, teacher_id),
+        student=_local("--student", student, student_revision, student_id),
         out=out, data=data, loss=loss, compile=compile_layers, settings=settings, **training,
     ))
     if as_json and record is not None:
         click.echo(json.dumps(record, indent=2, sort_keys=True))
 
 
-def _local(flag: str, reference: str, revision: str | None) -> Path:
-    """The directory a model named by path or Hub id is read from, resolved as every command resolves it."""
-    try:
-        return resolve_directory(reference, revision)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{flag} {exc}") from None
+def _local(flag: str, reference: str, revision: str | None, hub_id: str | None) -> Path:
+    """The directory a model named by path or Hub id is read from, resolved as every command resolves it.
+
+    A declared Hub id (--teacher-id, --student-id) is checked now, before the run, though only the card
+    written at its end (seal.py) names it."""
+    directory, _, _ = resolve_declared(reference, revision, hub_id, flag)
+    return directory
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 from layersplice import __version__
 from layersplice.checkpoint.atomic import is_working_file
 from layersplice.checkpoint.sealed_json import read_sealed, replace_sealed
-from layersplice.checkpoint.source import Checkpoint, open_checkpoint
+from layersplice.checkpoint.source import Checkpoint, declare_hub_id, open_checkpoint
 from layersplice.distill.checkpoints import CHECKPOINT_DIR
 from layersplice.distill.config import DataSpec, DistillConfig
 from layersplice.distill.progress import METRICS_NAME
@@ -30,9 +30,9 @@ from layersplice.planning.alignment import STUDENT_CONFIG_NAME, Alignment
 from layersplice.units import format_params
 
 # Options that name the models or the output, or change nothing in the result:
-# the card's command gives the sources and --out on its own terms.
-NOT_IN_THE_COMMAND = {"teacher", "student", "teacher_revision", "student_revision", "out", "resume", "json",
-                      "keep_checkpoints"}
+# the card's command gives the sources (by a declared Hub id) and --out on its own terms.
+NOT_IN_THE_COMMAND = {"teacher", "student", "teacher_revision", "student_revision", "teacher_id", "student_id",
+                      "out", "resume", "json", "keep_checkpoints"}
 
 
 def refuse_a_finished_run(config: DistillConfig) -> None:
@@ -87,12 +87,14 @@ def seal_student(config: DistillConfig, alignment: Alignment) -> dict:
 
 
 def _named(config: DistillConfig, role: str) -> Checkpoint:
-    """The teacher or student directory, under the name (path or Hub id) and revision the user gave."""
+    """The teacher or student directory, under the name (path or Hub id) and revision the user gave,
+    and as a copy of the Hub repo its --ROLE-id declares, as build's sources are."""
     directory = getattr(config, role)
     values = config.settings.values if config.settings else {}
     reference = values.get(role) or str(directory)
-    return dataclasses.replace(open_checkpoint(directory), reference=reference,
-                               revision=values.get(f"{role}_revision"))
+    named = dataclasses.replace(open_checkpoint(directory), reference=reference,
+                                revision=values.get(f"{role}_revision"))
+    return declare_hub_id(named, values.get(f"{role}_id"), f"--{role}-id")
 
 
 def _settings_record(config: DistillConfig) -> dict:

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,15 @@ TOKENIZER_FILES = (
     "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
 )
 TASKS_PER_WORKER = 2
+
+
+@dataclass(frozen=True)
+class TokenizerSource:
+    """The teacher whose tokenizer is used: where it was read, and how the record names it."""
+
+    directory: Path
+    name: str  # its Hub repo (read from the Hub, or declared by --teacher-id), else the path given
+    revision: str | None  # the Hub commit or revision, when it has one
 
 
 def tokenizer_digest(directory: Path) -> dict:
@@ -105,12 +115,12 @@ def write_tokens(directory: Path, documents: Iterator[np.ndarray], split: Holdou
     return counts
 
 
-def tokenize_corpus(spec: DataSpec, corpus: Corpus, teacher: Path, tokenizer, out: Path, processes: int,
-                    force: bool, advance: Callable[[], None]) -> dict:
+def tokenize_corpus(spec: DataSpec, corpus: Corpus, teacher: TokenizerSource, tokenizer, out: Path,
+                    processes: int, force: bool, advance: Callable[[], None]) -> dict:
     """Write the tokenize output of `corpus` to `out` atomically; its sealed record."""
     tokenize = eos_tokenizer(tokenizer)
     split = Holdout(spec, len(corpus) if isinstance(corpus, FileCorpus) else None)
-    inputs = [("--data", path) for path in spec.files] + [("--teacher", teacher)]
+    inputs = [("--data", path) for path in spec.files] + [("--teacher", teacher.directory)]
     with atomic_directory(out, force, inputs=inputs) as tmp:
         documents = encoded_documents(corpus, tokenize, processes)
         counts = write_tokens(tmp, documents, split, spec, len(tokenizer), advance)
@@ -120,14 +130,15 @@ def tokenize_corpus(spec: DataSpec, corpus: Corpus, teacher: Path, tokenizer, ou
     return record
 
 
-def _record(spec: DataSpec, corpus: Corpus, teacher: Path, tokenizer, counts: DataCounts) -> dict:
+def _record(spec: DataSpec, corpus: Corpus, teacher: TokenizerSource, tokenizer, counts: DataCounts) -> dict:
     return {
         "kind": KIND,
         "layersplice_version": __version__,
         "dtype": token_dtype(len(tokenizer)),
         "seq_len": spec.seq_len,
         "eos_token_id": tokenizer.eos_token_id,
-        "tokenizer": {"from": str(teacher), "vocab_size": len(tokenizer), **tokenizer_digest(teacher)},
+        "tokenizer": {"from": teacher.name, "revision": teacher.revision, "vocab_size": len(tokenizer),
+                      **tokenizer_digest(teacher.directory)},
         "sources": _sources(spec, corpus),
         "documents": counts.documents,
         "tokens": counts.tokens,

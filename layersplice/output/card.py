@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from layersplice.checkpoint.source import CARD_FILE, Checkpoint  # CARD_FILE: where the outputs' cards go too
+from layersplice.checkpoint.source import CARD_FILE, Checkpoint, pinned_revision  # CARD_FILE: ours go there too
 from layersplice.output.source_card import read_source_card
 from layersplice.planning.alignment import Alignment
 from layersplice.planning.job import Job
@@ -162,9 +162,7 @@ def source_arguments(checkpoint: Checkpoint, option: str, revision_option: str) 
     after the repository moves on. A local copy declared to be a Hub repo is
     named by that repo (and the revision declared for it)."""
     arguments = [option, shown_name(checkpoint)]
-    revision = checkpoint.revision
-    if checkpoint.commit is not None:
-        revision = checkpoint.commit
+    revision = pinned_revision(checkpoint.reference, checkpoint.directory, checkpoint.revision)
     if revision:
         arguments += [revision_option, revision]
     return arguments
