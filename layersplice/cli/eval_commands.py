@@ -11,6 +11,7 @@ commands costs the CLI's start-up nothing.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from rich.console import Console
 from layersplice import __version__
 from layersplice.cli import display
 from layersplice.checkpoint.atomic import refuse_overlap
+from layersplice.checkpoint.strict_json import write_json
 from layersplice.cli.options import (
     SourceRequest,
     Sources,
@@ -287,7 +289,7 @@ def run_demo(out: Path, console: Console) -> dict:
         "summary": interpolation_summary(results),
         "seconds": round(seconds, 1),
     }
-    (out / DEMO_RECORD).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_json(out / DEMO_RECORD, summary)
     return summary
 
 
@@ -308,7 +310,7 @@ def _claim_demo_folder(out: Path) -> None:
         raise LayerspliceError(f"--out {out} is not a folder; give a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     # Marked at once, so that a rerun after an interrupted demo replaces it.
-    (out / DEMO_RECORD).write_text(json.dumps({DEMO_MARK: __version__, "complete": False}) + "\n")
+    write_json(out / DEMO_RECORD, {DEMO_MARK: __version__, "complete": False})
 
 
 def with_kl_order(sources: Sources, calibration: Path, console: Console) -> Sources:
