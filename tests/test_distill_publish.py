@@ -188,7 +188,8 @@ def test_local_models_declared_by_hub_id_are_named_by_it_in_the_card_and_record(
     config.write_text(f"teacher: {teacher}\nteacher_id: org/teacher\nteacher_revision: v1\n")
     out = tmp_path / "declared"
     result = layersplice("distill", "--config", config, "--student", student, "--student-id", "org/student",
-                         "--data", data, "--out", out, *small_run("--steps", "1", "--val-tokens", "0"))
+                         "--hub-owner", "me", "--data", data, "--out", out,
+                         *small_run("--steps", "1", "--val-tokens", "0"))
     assert result.exit_code == 0, result.output
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model == ["org/teacher"] and card.data.base_model_relation == "finetune"
@@ -197,7 +198,9 @@ def test_local_models_declared_by_hub_id_are_named_by_it_in_the_card_and_record(
     assert trained_with.startswith(
         "layersplice distill --teacher org/teacher --teacher-revision v1 --student org/student --data ")
     assert "--teacher-id" not in trained_with and "--student-id" not in trained_with
-    assert "--teacher org/teacher --teacher-revision v1 --student declared --all" in card.text
+    # --hub-owner: the sizes are built from the student where it will be uploaded, and it loads from there
+    assert "--teacher org/teacher --teacher-revision v1 --student me/declared --all" in card.text
+    assert 'from_pretrained("me/declared")' in card.text and "hf download me/declared --local-dir declared" in card.text
     assert str(teacher) not in card.text and str(student) not in card.text
     record, _ = read_sealed(out / "layersplice.json")
     assert record["sources"]["teacher"] == {"reference": str(teacher), "revision": "v1", "directory": str(teacher),
@@ -312,3 +315,18 @@ def test_hub_ids_resolve_offline_and_the_card_names_the_teacher(pair, tmp_path):
         "error: --teacher org/absent: not a local directory and not in the Hugging Face cache (offline mode or no "
         "network); download it first or unset HF_HUB_OFFLINE"
     ]
+
+
+def test_a_diverged_loss_is_written_to_metrics_as_json_null_not_nan(tmp_path):
+    """A loss that became NaN or infinite is logged as null: NaN is not JSON, and strict readers
+    (jq, JSON.parse) would reject the whole metrics file."""
+    from layersplice.distill.progress import METRICS_NAME, RunLog
+
+    with RunLog(tmp_path, steps=2, start_step=0, enabled=True) as log:
+        log.record({"step": 1, "val_loss": float("nan"), "val_ce": float("inf"), "val_kl": 0.5})
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    line = (tmp_path / METRICS_NAME).read_text().splitlines()[0]
+    assert json.loads(line, parse_constant=refuse) == {"step": 1, "val_loss": None, "val_ce": None, "val_kl": 0.5}

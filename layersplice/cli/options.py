@@ -118,8 +118,8 @@ name_option = click.option(
 )
 hub_owner_option = click.option(
     "--hub-owner", metavar="OWNER",
-    help="Hub user or organization the outputs will be uploaded to: their cards load them as OWNER/<folder name>. "
-         "Default: the recipe's hub_owner.",
+    help="Hub user or organization the outputs will be uploaded to: their cards load them as OWNER/<folder name> "
+         "(with --recipe, its hub_owner by default).",
 )
 revision_option = click.option("--revision", help="Hub revision (branch, tag or commit) when PATH is a repo id.")
 device_option = click.option(

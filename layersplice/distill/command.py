@@ -6,7 +6,6 @@ Runnable as a module so that torchrun can start it directly:
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -14,10 +13,12 @@ from pathlib import Path
 import click
 
 from layersplice.checkpoint.source import resolve_declared
+from layersplice.checkpoint.strict_json import dumps
 from layersplice.cli.options import (
     data_source_options,
     device_option,
     holdout_options,
+    hub_owner_option,
     json_option,
     model_options,
     with_options,
@@ -106,11 +107,12 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.option("--peak-tflops", type=float,
               help="The device's peak TFLOP/s, for MFU on the progress line and in metrics.jsonl "
                    "[default: known for common GPUs (bf16 dense); none on CPU].")
+@hub_owner_option
 @json_option
 def distill_command(config, teacher, student, teacher_revision, teacher_id, student_revision, student_id, out,
                     files, dataset,
                     dataset_config, split, text_field, synthetic_data, seq_len, val_tokens, val_fraction,
-                    shuffle_window, seed, kl_weight, temperature, cos_weight, compile_layers, as_json,
+                    shuffle_window, seed, kl_weight, temperature, cos_weight, compile_layers, hub_owner, as_json,
                     **training) -> None:
     """Distill a student from its teacher (CE + KL + hidden-state cosine).
 
@@ -139,13 +141,14 @@ def distill_command(config, teacher, student, teacher_revision, teacher_id, stud
         val_fraction=val_fraction, shuffle_window=shuffle_window, seed=seed,
     )
     loss = LossWeights(kl=kl_weight, temperature=temperature, cos=cos_weight)
+    del hub_owner  # the card's: the seal reads it from the run's settings, as it reads --teacher-id
     record = distill(DistillConfig(
         teacher=_local("--teacher", teacher, teacher_revision, teacher_id),
         student=_local("--student", student, student_revision, student_id),
         out=out, data=data, loss=loss, compile=compile_layers, settings=settings, **training,
     ))
     if as_json and record is not None:
-        click.echo(json.dumps(record, indent=2, sort_keys=True))
+        click.echo(dumps(record))
 
 
 def _local(flag: str, reference: str, revision: str | None, hub_id: str | None) -> Path:

@@ -23,6 +23,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from layersplice.checkpoint.strict_json import finite
+
 METRICS_NAME = "metrics.jsonl"
 LINES = 50  # progress lines of a whole run when stderr is not a terminal
 
@@ -86,7 +88,7 @@ class RunLog:
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(values, sort_keys=True) + "\n")
+            f.write(json.dumps(finite(values), sort_keys=True, allow_nan=False) + "\n")
         if "loss" in values:
             terms = (
                 f"loss {values['loss']:.4f} ce {values['ce']:.4f} kl {values['kl']:.4f} "

@@ -32,7 +32,7 @@ from layersplice.units import format_params
 # Options that name the models or the output, or change nothing in the result:
 # the card's command gives the sources (by a declared Hub id) and --out on its own terms.
 NOT_IN_THE_COMMAND = {"teacher", "student", "teacher_revision", "student_revision", "teacher_id", "student_id",
-                      "out", "resume", "json", "keep_checkpoints"}
+                      "out", "resume", "json", "keep_checkpoints", "hub_owner"}
 
 
 def refuse_a_finished_run(config: DistillConfig) -> None:
@@ -56,6 +56,7 @@ def seal_student(config: DistillConfig, alignment: Alignment) -> dict:
     card = distilled_card(DistilledFacts(
         out.name, teacher, student, alignment, output.config, params, command,
         _facts(config, final), _hub_datasets(config.data),
+        (config.settings.values.get("hub_owner") if config.settings else None),
     ))
     (out / CARD_FILE).write_text(card, encoding="utf-8")
     files = {p.name: file_record(p) for p in sorted(out.iterdir())

@@ -233,6 +233,11 @@ class DistilledFacts:
     command: list[str] | None  # the distill command of the run; None: run through the Python API
     facts: tuple[str, ...]  # one line each: the data, the training, the final losses
     datasets: tuple[str, ...] = ()  # Hub dataset ids it was trained on
+    hub_owner: str | None = None  # where it will be uploaded: its commands name it OWNER/name
+
+    @property
+    def repo(self) -> str:
+        return f"{self.hub_owner}/{self.name}" if self.hub_owner else self.name
 
 
 def distilled_card(facts: DistilledFacts) -> str:
@@ -243,7 +248,7 @@ def distilled_card(facts: DistilledFacts) -> str:
     trained further, which is a finetune of the teacher."""
     alignment = facts.alignment
     teacher = source_arguments(facts.teacher, "--teacher", "--teacher-revision")
-    pair = shlex.join([*teacher, "--student", facts.name])
+    pair = shlex.join([*teacher, "--student", facts.repo])
     lines = "\n".join(f"- {line}" for line in facts.facts)
     how = (f"```bash\n{shlex.join(facts.command)}\n```" if facts.command
            else "Through the Python API (`layersplice.distill.loop.distill`), not the command line.")
@@ -273,6 +278,6 @@ layersplice build {pair} --all --out {shlex.quote(facts.name + '-sizes')}
 Every setting of the run, and the sources it read, are in the sealed `layersplice.json`; the loss at
 every step is in `metrics.jsonl`.
 
-{_usage(facts.name, facts.name, False, facts.config)}"""
+{_usage(facts.name, facts.repo, facts.hub_owner is not None, facts.config)}"""
     hub_ids = [facts.teacher.hub_name] if facts.teacher.hub_name else []
     return _card(facts.config, hub_ids, "finetune", teacher_license(facts.teacher), body, list(facts.datasets))
