@@ -1,0 +1,256 @@
+"""--order search: for each size, the blocks whose patching brings the model closest to the teacher.
+
+For every layer count between student and teacher, the set of patched blocks
+with the lowest KL(teacher || model) on the calibration text (the measure of
+--order kl). Each size is chosen on its own, so sizes need not be nested, and
+one-layer blocks, which change weights but not the size, are free choices at
+every size. The pure student and teacher stay the family's ends.
+
+* Exact where a size has at most `budget` candidate sets: all are scored.
+  The default, 512 = 2**9, makes every size of any 9-block student exact.
+* Otherwise a beam search of width `beam`: the beam of a size starts from the
+  greedy kl order's set, first's and last's, and each beam set of the smaller
+  sizes with one more block; swap moves (one patched block for an unpatched
+  one of the same length) and one-layer block toggles of the beam follow
+  while they improve it. Cheaper candidates are scored first, and the whole
+  search stops adding candidates once it has spent the layer-forwards the
+  greedy order costs without the cache.
+
+The greedy kl order runs on the same scorer, and its set at every size is one
+of the candidates there, so no size is worse than greedy's on the
+calibration text. All candidates share one KLScorer, so each runs only from
+the first block where it differs from a model already scored (candidates.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from layersplice.errors import LayerspliceError
+from layersplice.evaluation.in_memory import LoadedPair, compute_dtype, pick_device
+from layersplice.evaluation.kl_order import (
+    CALIB_BATCH, KLOrder, KLScorer, budget_mean_kl, calibration_text, kl_order_from,
+)
+from layersplice.evaluation.perplexity import EvalText, load_tokenizer
+from layersplice.planning.alignment import Alignment
+from layersplice.planning.blocks import BEAM, SEARCH_BUDGET, SizeChoices, by_layers, patch_order, size_of
+from layersplice.planning.job import Job
+from layersplice.planning.plan import make_plan
+
+EXACT, BEAM_SEARCH = "exact", "beam"
+
+
+@dataclass(frozen=True)
+class SizeSearch:
+    """One size's choice and how it was found."""
+
+    layers: int
+    patched: tuple[int, ...]
+    kl: float
+    greedy_patched: tuple[int, ...] | None  # None where the greedy order has no model of this size
+    greedy_kl: float | None
+    method: str  # EXACT or BEAM_SEARCH
+    subsets: int  # sets of blocks that make a model of this size
+    scored: int  # how many of them were scored
+
+    def record(self) -> dict:
+        return {
+            "layers": self.layers, "patched_blocks": list(self.patched), "kl": self.kl, "method": self.method,
+            "subsets": self.subsets, "scored": self.scored,
+            "greedy_patched_blocks": None if self.greedy_patched is None else list(self.greedy_patched),
+            "greedy_kl": self.greedy_kl,
+        }
+
+
+@dataclass(frozen=True)
+class SearchOrder:
+    """Every size's choice, the kl order found on the way, and what the search cost."""
+
+    sizes: tuple[SizeSearch, ...]
+    kl: KLOrder
+    budget: int
+    beam: int
+    layer_forwards: dict[str, float]  # spent; full_passes; greedy_without_cache (what --order kl cost before the cache)
+    budget_kl: float  # mean KL over parameter budgets along the chosen sizes (kl_order.budget_mean_kl)
+
+    def choices(self) -> SizeChoices:
+        return SizeChoices(tuple((s.layers, s.patched) for s in self.sizes))
+
+    def record(self) -> dict:
+        """What goes into layersplice.json (and --order-file reads back)."""
+        return {
+            "order": "search",
+            "search": {
+                "sizes": [s.record() for s in self.sizes],
+                "search_budget": self.budget,
+                "beam": self.beam,
+                "budget_mean_kl": {"search": self.budget_kl, "kl": self.kl.budget_kl[self.kl.chosen_from]},
+                "greedy_order": list(self.kl.greedy),
+                "layer_forwards": self.layer_forwards,
+                "calibration": self.kl.calibration,
+            },
+        }
+
+
+def subsets_count(alignment: Alignment, layers: int) -> int:
+    """How many sets of blocks make a model of `layers` layers."""
+    ways = {alignment.n_student: 1}
+    for block in range(alignment.n_student):
+        extra = alignment.block_length(block) - 1
+        grown = dict(ways)
+        for size, count in ways.items():
+            grown[size + extra] = grown.get(size + extra, 0) + count
+        ways = grown
+    return ways.get(layers, 0)
+
+
+def subsets_of_size(alignment: Alignment, layers: int) -> Iterator[frozenset[int]]:
+    """Every set of blocks that makes a model of `layers` layers."""
+    def extend(block: int, room: int, chosen: tuple[int, ...]) -> Iterator[frozenset[int]]:
+        if block == alignment.n_student:
+            if room == 0:
+                yield frozenset(chosen)
+            return
+        yield from extend(block + 1, room, chosen)
+        extra = alignment.block_length(block) - 1
+        if extra <= room:
+            yield from extend(block + 1, room - extra, (*chosen, block))
+
+    yield from extend(0, layers - alignment.n_student, ())
+
+
+def greedy_cost_without_cache(alignment: Alignment, kl: KLOrder) -> float:
+    """Layer-forwards --order kl spent before the cache: every candidate and, each round, the teacher from the first layer."""
+    n, everything = alignment.n_student, frozenset(range(alignment.n_student))
+    known, cost = {everything}, 0.0
+
+    def round_of(sets: list[frozenset[int]]) -> float:
+        missing = {s for s in sets if s not in known}
+        known.update(missing)
+        return alignment.n_teacher + sum(size_of(alignment, s) for s in missing) if missing else 0.0
+
+    for step in range(n):
+        patched = frozenset(kl.greedy[:step])
+        cost += round_of([patched | {b} for b in range(n) if b not in patched])
+    for order in (kl.greedy, patch_order(alignment, "first"), patch_order(alignment, "last")):
+        cost += round_of([frozenset(order[:k]) for k in range(n + 1)])
+    return cost
+
+
+def search_order(loaded: LoadedPair, text: EvalText, budget: int = SEARCH_BUDGET, beam: int = BEAM,
+                 batch_size: int = CALIB_BATCH, on_size: Callable[[SizeSearch], None] | None = None) -> SearchOrder:
+    if budget < 1 or beam < 1:
+        raise LayerspliceError("--search-budget and --beam must be at least 1")
+    scorer = KLScorer(loaded, text, batch_size)
+    alignment = loaded.job.pair.alignment
+    sizes = [n for n in range(alignment.n_student + 1, alignment.n_teacher) if subsets_count(alignment, n)]
+    exact = [n for n in sizes if subsets_count(alignment, n) <= budget]
+    # One round for every exact size: its candidates share their prefixes, and the greedy order then costs nothing.
+    scorer.scores([s for n in exact for s in subsets_of_size(alignment, n)])
+    kl = kl_order_from(scorer)
+    greedy_cost = greedy_cost_without_cache(alignment, kl)
+    greedy = {n: _along(alignment, kl.greedy, n) for n in sizes}
+    seeds = {n: [s for s in dict.fromkeys((greedy[n], _along(alignment, "first", n), _along(alignment, "last", n)))
+                 if s is not None] for n in sizes}
+    _Beam(scorer, alignment, beam, greedy_cost).run([n for n in sizes if n not in exact], seeds)
+    found = []
+    for n in sizes:
+        found.append(_best(scorer, alignment, n, greedy[n], EXACT if n in exact else BEAM_SEARCH))
+        if on_size:
+            on_size(found[-1])
+    cost = {**scorer.cost(), "greedy_without_cache": round(greedy_cost, 2)}
+    return SearchOrder(tuple(found), kl, budget, beam, cost, _budget_kl(scorer, alignment, found))
+
+
+def _along(alignment: Alignment, order, layers: int) -> frozenset[int] | None:
+    """The set an order builds at this size (as `build --layers` would), or None where it has no such size."""
+    try:
+        return by_layers(alignment, layers, order)
+    except LayerspliceError:
+        return None
+
+
+def _best(scorer: KLScorer, alignment: Alignment, layers: int, greedy: frozenset[int] | None,
+          method: str) -> SizeSearch:
+    """The lowest-KL set scored at this size; on a tie greedy's, then the lowest block numbers."""
+    scored = [(kl, s) for s, kl in scorer.known.items() if size_of(alignment, s) == layers]
+    kl, best = min(scored, key=lambda item: (item[0], item[1] != greedy, sorted(item[1])))
+    greedy_kl = None if greedy is None else scorer.scores([greedy])[0]
+    return SizeSearch(layers, tuple(sorted(best)), kl, None if greedy is None else tuple(sorted(greedy)), greedy_kl,
+                      method, subsets_count(alignment, layers), len(scored))
+
+
+def _budget_kl(scorer: KLScorer, alignment: Alignment, found: list[SizeSearch]) -> float:
+    """Mean KL over parameter budgets along student, the chosen sizes, teacher."""
+    pair = scorer.runner.loaded.job.pair
+    sets = [frozenset(), *(frozenset(s.patched) for s in found), frozenset(range(alignment.n_student))]
+    params = [make_plan(pair, s).params for s in sets]
+    order = sorted(range(len(sets)), key=lambda i: params[i])
+    return budget_mean_kl([scorer.scores([sets[i]])[0] for i in order], [params[i] for i in order])
+
+
+class _Beam:
+    """The beam search over the sizes that are too many to score exhaustively, within a layer-forward cap."""
+
+    def __init__(self, scorer: KLScorer, alignment: Alignment, width: int, cap: float) -> None:
+        self.scorer, self.alignment, self.width, self.cap = scorer, alignment, width, cap
+        blocks = range(alignment.n_student)
+        self.singles = [b for b in blocks if alignment.block_length(b) == 1]
+        self.multi = [b for b in blocks if alignment.block_length(b) > 1]
+
+    def run(self, sizes: list[int], seeds: dict[int, list[frozenset[int]]]) -> None:
+        beams: dict[int, list[frozenset[int]]] = {self.alignment.n_student: [frozenset()]}
+        for left, layers in zip(range(len(sizes), 0, -1), sizes):
+            share = (self.cap - self.scorer.runner.spent) / left
+            pool = set(seeds[layers]) | {
+                s | {b} for smaller, sets in beams.items() for s in sets for b in self.multi
+                if b not in s and size_of(self.alignment, s | {b}) == layers and smaller < layers
+            }
+            beams[layers] = self._improve(layers, pool | self._toggles(pool), share)
+
+    def _improve(self, layers: int, frontier: set[frozenset[int]], share: float) -> list[frozenset[int]]:
+        """Score the frontier cheapest first within `share`, then the beam's neighbours while the beam improves."""
+        limit = self.scorer.runner.spent + share
+        beam: list[frozenset[int]] = []
+        while True:
+            self._score_within(frontier, min(limit, self.cap))
+            scored = sorted((kl, sorted(s), s) for s, kl in self.scorer.known.items()
+                            if size_of(self.alignment, s) == layers)
+            better = [s for _, _, s in scored[: self.width]]
+            if better == beam:
+                return beam
+            beam = better
+            frontier = self._swaps(beam) | self._toggles(set(beam))
+
+    def _score_within(self, frontier: set[frozenset[int]], limit: float) -> None:
+        runner = self.scorer.runner
+        todo = sorted((runner.estimate(s), sorted(s), s) for s in frontier if s not in self.scorer.known)
+        chosen, total = [], runner.spent
+        for cost, _, s in todo:
+            if total + cost > limit:
+                break
+            chosen.append(s)
+            total += cost
+        if chosen:
+            self.scorer.scores(chosen)
+
+    def _swaps(self, beam: list[frozenset[int]]) -> set[frozenset[int]]:
+        length = self.alignment.block_length
+        return {
+            s - {a} | {b} for s in beam for a, b in itertools.product(sorted(s), self.multi)
+            if b not in s and length(a) == length(b) > 1
+        }
+
+    def _toggles(self, sets: set[frozenset[int]]) -> set[frozenset[int]]:
+        return {s ^ {b} for s in sets for b in self.singles}
+
+
+def search_order_for(job: Job, calib: Path, budget: int = SEARCH_BUDGET, beam: int = BEAM) -> SearchOrder:
+    """--order search for a job: both models loaded once, on the GPU if there is one."""
+    device = pick_device("auto")
+    loaded = LoadedPair(job, device, compute_dtype(job, device))
+    text = calibration_text(job, calib, load_tokenizer(job.teacher.directory))
+    return search_order(loaded, text, budget, beam)
