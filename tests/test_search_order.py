@@ -159,3 +159,123 @@ def test_the_kl_scorer_scores_each_set_once_and_the_teacher_once(ten_layer_pair)
     assert again == first[::-1]
     # The teacher (10 layers) once; {1} from its first layer (7 layers); {1, 2} from block 2 (5 of its 8).
     assert count.layer_forwards == pytest.approx(10 + 7 + 5)
+
+
+# --- On the command line -----------------------------------------------------
+
+
+def cli(*args: str, cwd=None):
+    from click.testing import CliRunner
+
+    from layersplice.cli.main import cli as group
+
+    return CliRunner().invoke(group, list(map(str, args)))
+
+
+@pytest.fixture(scope="module")
+def searched_family(ten_layer_pair, tmp_path_factory):
+    """`build --all --order search` of the 10-layer pair, and the text it was calibrated on."""
+    pair, _ = ten_layer_pair
+    calib = eval_support_text(tmp_path_factory)
+    out = tmp_path_factory.mktemp("family") / "fam"
+    result = cli("build", *pair.args(), "--order", "search", "--calib", calib, "--all", "--out", out, "--name", "ten")
+    assert result.exit_code == 0, result.output
+    return pair, calib, out, result
+
+
+def test_build_all_order_search_records_each_sizes_choice_in_its_record_the_manifest_and_the_card(searched_family):
+    import json
+
+    _, _, out, result = searched_family
+    assert "--order search: 8 layers patch blocks" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    middle = [entry for entry in manifest["sizes"] if entry["layers"] not in (6, 10)]
+    assert [entry["layers"] for entry in middle] == [7, 8, 9]
+    for entry in middle:
+        provenance = json.loads((out / entry["directory"] / "layersplice.json").read_text())
+        search = provenance["choice"]["search"]
+        size = next(s for s in search["sizes"] if s["layers"] == entry["layers"])
+        assert provenance["choice"]["order"] == "search"
+        assert provenance["patched_blocks"] == size["patched_blocks"] == entry["patched_blocks"]
+        assert entry["search"] == {"kl": size["kl"], "greedy_kl": size["greedy_kl"], "method": "exact"}
+        assert size["kl"] <= size["greedy_kl"]
+        card = (out / entry["directory"] / "README.md").read_text()
+        assert f"This size patches student blocks {', '.join(map(str, size['patched_blocks']))}, chosen by " \
+               f"`--order search`: of all {size['subsets']} sets of blocks that make models of " \
+               f"{entry['layers']} layers, these bring the model closest to the teacher" in card
+    assert cli("verify", out).exit_code == 0
+
+
+def test_order_file_reuses_a_search_for_plan_build_and_eval(searched_family, tmp_path):
+    import json
+
+    pair, calib, out, _ = searched_family
+    record = next(out.glob("ten-8L")) / "layersplice.json"
+    chosen = {s["layers"]: s["patched_blocks"] for s in json.loads(record.read_text())["choice"]["search"]["sizes"]}
+    planned = cli("plan", *pair.args(), "--order-file", record, "--json")
+    assert planned.exit_code == 0, planned.output
+    rows = {row["layers"]: row["teacher_blocks"] for row in json.loads(planned.stdout)["sizes"]}
+    assert rows == {6: [], **chosen, 10: list(range(6))}
+    rebuilt = tmp_path / "eight"
+    built = cli("build", *pair.args(), "--order-file", record, "--layers", 8, "--out", rebuilt)
+    assert built.exit_code == 0, built.output
+    assert (rebuilt / "model.safetensors").read_bytes() == (out / "ten-8L" / "model.safetensors").read_bytes()
+    evaluated = cli("eval", *pair.args(), "--order-file", record, "--data", calib, "--max-tokens", 256,
+                    "--out", tmp_path / "eval", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    sizes = json.loads(evaluated.stdout)["perplexity"]["sizes"]
+    assert {s["layers"]: s["patched_blocks"] for s in sizes} == rows
+
+
+def test_keep_patch_and_params_pick_sizes_of_a_search_or_say_which_exist(searched_family, tmp_path):
+    import json
+
+    pair, _, out, _ = searched_family
+    record = out / "ten-8L" / "layersplice.json"
+    search = json.loads(record.read_text())["choice"]["search"]["sizes"]
+    by_keep = {}
+    for size in search:
+        by_keep.setdefault(6 - len(size["patched_blocks"]), []).append(size)
+    keep, sizes = next((k, s) for k, s in sorted(by_keep.items()) if len(s) == 1)
+    kept = cli("build", *pair.args(), "--order-file", record, "--keep", keep, "--out", tmp_path / "k")
+    assert kept.exit_code == 0, kept.output
+    assert json.loads((tmp_path / "k" / "layersplice.json").read_text())["patched_blocks"] == sizes[0]["patched_blocks"]
+    missing = next(k for k in range(1, 6) if k not in by_keep)
+    refused = cli("build", *pair.args(), "--order-file", record, "--keep", missing, "--out", tmp_path / "m")
+    assert refused.exit_code == 2 and f"--keep {missing} is not a size of the search" in refused.output
+    assert not (tmp_path / "m").exists()
+    patched = cli("build", *pair.args(), "--order-file", record, "--patch", 2, "--out", tmp_path / "p")
+    assert patched.exit_code == 0, patched.output
+    assert json.loads((tmp_path / "p" / "layersplice.json").read_text())["patched_blocks"] == \
+        next(s["patched_blocks"] for s in search if s["layers"] == 8)
+    target = cli("plan", *pair.args(), "--order-file", record, "--params", "1", "--json")
+    assert target.exit_code == 0 and json.loads(target.stdout)["chosen"]["layers"] == 6
+
+
+def test_recipes_accept_order_kl_and_search_with_their_calibration_text(searched_family, tmp_path):
+    import json
+
+    pair, calib, _, _ = searched_family
+    for order in ("kl", "search"):
+        recipe = tmp_path / f"{order}.yaml"
+        recipe.write_text(f"name: r\nteacher: {pair.teacher}\nstudent: {pair.student}\norder: {order}\n"
+                          f"calib: {calib}\n")
+        result = cli("plan", "--recipe", recipe, "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["order"] == order
+    recipe.write_text(f"name: r\nteacher: {pair.teacher}\nstudent: {pair.student}\norder: search\n")
+    result = cli("plan", "--recipe", recipe)
+    assert result.exit_code == 2 and "--order search measures KL on calibration text: add --calib" in result.output
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"search": {"sizes": [{"layers": 8}]}}', "no list of sizes with 'layers' and 'patched_blocks'"),
+    ('{"choice": {"search": {"sizes": [{"layers": 9, "patched_blocks": [0]}]}}}', "make a model of 7 layers"),
+    ('{"search": {"sizes": [{"layers": 7, "patched_blocks": [7]}]}}', "names block 7, but the student has blocks 0..5"),
+])
+def test_an_order_file_with_a_broken_search_is_one_line_naming_the_file(ten_layer_pair, tmp_path, content, message):
+    pair, _ = ten_layer_pair
+    path = tmp_path / "layersplice.json"
+    path.write_text(content)
+    result = cli("plan", *pair.args(), "--order-file", path)
+    assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output

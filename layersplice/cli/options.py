@@ -121,7 +121,7 @@ def _resolve_order(job: Job, order: str, order_file: Path | None, calib: Path | 
         err_console.print(f"--order kl: patch {count} is block {block} (KL to the teacher {kl:.4f})", highlight=False)
 
     resolved, record = choose_order(job, order, order_file, calib, on_step=step, search=search)
-    if "search" in record:
+    if record["order"] == "search":
         for line in search_summary(record["search"]):
             err_console.print(line, highlight=False)
     elif isinstance(resolved, tuple):
@@ -223,7 +223,8 @@ def choose_order(job: Job, order: str, order_file: Path | None, calib: Path | No
     if order == "search":
         from layersplice.evaluation.search_order import search_order_for
 
-        found = search_order_for(job, calib, *search)
+        with err_console.status("--order search: scoring sets of blocks by KL to the teacher"):
+            found = search_order_for(job, calib, *search)
         return found.choices(), found.record()
     from layersplice.evaluation.kl_order import kl_order_for
 

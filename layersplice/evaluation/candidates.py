@@ -11,7 +11,10 @@ Memory is bounded: states live in a least-recently-used cache of at most
 `cache_bytes`; past it the oldest are dropped and recomputed when needed, so
 the bound costs time, never a wrong result. A layer-forward is one decoder
 layer run over the whole text; `spent` counts them as they run, `full_passes`
-what running every splice from its first layer would have cost.
+what running every splice from its first layer would have cost, and `heads`
+the final norm + head runs (one per splice, cached or not), which weigh
+`head_weight` layer-forwards each: a large vocabulary makes the head cost
+several layers.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class SpliceRunner:
         self.cache = StateCache(cache_bytes)
         self.spent = 0.0
         self.full_passes = 0.0
+        self.heads = 0.0
+        self.head_weight = _head_weight(loaded.job.pair.teacher)
         self._as_tuple = False
         windows = len(text.windows.ids)
         # Each batch's share of the text: a layer run over one batch is this much of a layer-forward.
@@ -111,17 +116,22 @@ class SpliceRunner:
         starts = self._block_starts(plan.patched)
         start = starts[done]
         self.spent += (plan.n_layers - start) * self._shares[index]
+        self.heads += self._shares[index]
         with self._resumed(model, plan, start, state), self._recording(model, plan, index, decisions, done):
             return model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
 
+    def work(self) -> float:
+        """Layer-forwards spent so far, each head counted as `head_weight` of them."""
+        return self.spent + self.heads * self.head_weight
+
     def estimate(self, patched: frozenset[int]) -> float:
-        """The layer-forwards running this splice would cost now, given the states cached."""
+        """The work() running this splice would add now, given the states cached."""
         decisions = self.decisions(patched)
         starts = self._block_starts(patched)
         total = 0.0
         for index, share in enumerate(self._shares):
             done = next((k for k in range(self.n, 0, -1) if (index, decisions[:k]) in self.cache), 0)
-            total += (starts[-1] - starts[done]) * share
+            total += (starts[-1] - starts[done] + self.head_weight) * share
         return total
 
     def _deepest(self, index: int, decisions: Decisions) -> tuple[int, torch.Tensor | None]:
@@ -177,3 +187,9 @@ class SpliceRunner:
             for handle in handles:
                 handle.remove()
 
+
+
+def _head_weight(layout) -> float:
+    """The head's matrix multiply (vocabulary x hidden) in units of an average decoder layer's."""
+    layer = sum(t.numel for layer in layout.layers for t in layer) / max(1, layout.n_layers)
+    return max(t.numel for t in layout.embeddings) / layer if layer else 0.0

@@ -91,16 +91,16 @@ class KLScorer:
 
     def _measure(self, sets: list[frozenset[int]]) -> list[float]:
         sums = dict.fromkeys(sets, 0.0)
-        target: list[torch.Tensor] = []
+        target: list[Target] = []
         tokens = 0
 
         def teacher(index: int, ids: torch.Tensor, mask: torch.Tensor) -> None:
             nonlocal tokens
-            target[:] = [torch.log_softmax(self.runner.logits(*self.teacher, index, ids, mask).float(), dim=-1)]
+            target[:] = [Target.of(self.runner.logits(*self.teacher, index, ids, mask), mask)]
             tokens += int(mask.sum())
 
         def add(patched: frozenset[int], index: int, logits: torch.Tensor, mask: torch.Tensor) -> None:
-            sums[patched] += float(masked_kl_sum(logits, target[0], mask))
+            sums[patched] += target[0].kl_sum(logits)
 
         self.runner.run(sets, add, teacher)
         # Without the cache the teacher ran once for each round of candidates.
@@ -111,15 +111,36 @@ class KLScorer:
         return self.scores([frozenset(order[:k]) for k in range(self.n + 1)])
 
     def cost(self) -> dict[str, float]:
-        """Layer-forwards (one decoder layer over the whole calibration text) spent, and what full passes cost."""
-        return {"spent": round(self.runner.spent, 2), "full_passes": round(self.runner.full_passes, 2)}
+        """Layer-forwards (one decoder layer over the whole calibration text) spent, what full passes of the same
+        models would have cost, and the head passes (one per model scored, and the teacher's)."""
+        runner = self.runner
+        return {"spent": round(runner.spent, 2), "full_passes": round(runner.full_passes, 2),
+                "heads": round(runner.heads, 2)}
 
 
-def masked_kl_sum(logits: torch.Tensor, target_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over real tokens of KL(teacher || model), the teacher given as log-probabilities."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    per_token = torch.nn.functional.kl_div(log_probs, target_log_probs, reduction="none", log_target=True).sum(-1)
-    return torch.where(mask, per_token, 0).sum()
+@dataclass(frozen=True)
+class Target:
+    """The teacher's next-token distribution on one batch, ready to score many models against.
+
+    KL(p || q) per token is sum p log p - sum p z + logsumexp(z) for the model's
+    logits z (sum p = 1), so each model costs one logsumexp and one dot product
+    with the teacher's probabilities, which are computed once."""
+
+    probs: torch.Tensor  # [batch, seq, vocab]
+    self_term: torch.Tensor  # [batch, seq]: sum p log p
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, mask: torch.Tensor) -> Target:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        probs = log_probs.exp()
+        return cls(probs, (probs * log_probs).sum(-1), mask)
+
+    def kl_sum(self, logits: torch.Tensor) -> float:
+        """Sum over real tokens of KL(teacher || model)."""
+        logits = logits.float()
+        per_token = self.self_term - (self.probs * logits).sum(-1) + torch.logsumexp(logits, dim=-1)
+        return float(torch.where(self.mask, per_token, 0).sum())
 
 
 def greedy_order(scorer: KLScorer, on_step=None) -> list[int]:

@@ -13,8 +13,9 @@ every size. The pure student and teacher stay the family's ends.
   sizes with one more block; swap moves (one patched block for an unpatched
   one of the same length) and one-layer block toggles of the beam follow
   while they improve it. Cheaper candidates are scored first, and the whole
-  search stops adding candidates once it has spent the layer-forwards the
-  greedy order costs without the cache.
+  search stops adding candidates once it has done the work the greedy order
+  did without the cache (layer-forwards, and head passes weighted by the
+  head's size against a layer's), spread evenly over the beam's sizes.
 
 The greedy kl order runs on the same scorer, and its set at every size is one
 of the candidates there, so no size is worse than greedy's on the
@@ -25,7 +26,7 @@ the first block where it differs from a model already scored (candidates.py).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +74,11 @@ class SearchOrder:
     kl: KLOrder
     budget: int
     beam: int
-    layer_forwards: dict[str, float]  # spent; full_passes; greedy_without_cache (what --order kl cost before the cache)
-    budget_kl: float  # mean KL over parameter budgets along the chosen sizes (kl_order.budget_mean_kl)
+    # KLScorer.cost(), and greedy_without_cache, greedy_heads_without_cache: what --order kl cost before the cache
+    layer_forwards: dict[str, float]
+    # Mean KL over parameter budgets (kl_order.budget_mean_kl) along the chosen sizes ("search") and
+    # along greedy's sets of the same sizes ("greedy", where greedy reaches every size).
+    budget_kl: dict[str, float]
 
     def choices(self) -> SizeChoices:
         return SizeChoices(tuple((s.layers, s.patched) for s in self.sizes))
@@ -87,7 +91,7 @@ class SearchOrder:
                 "sizes": [s.record() for s in self.sizes],
                 "search_budget": self.budget,
                 "beam": self.beam,
-                "budget_mean_kl": {"search": self.budget_kl, "kl": self.kl.budget_kl[self.kl.chosen_from]},
+                "budget_mean_kl": self.budget_kl,
                 "greedy_order": list(self.kl.greedy),
                 "layer_forwards": self.layer_forwards,
                 "calibration": self.kl.calibration,
@@ -122,26 +126,25 @@ def subsets_of_size(alignment: Alignment, layers: int) -> Iterator[frozenset[int
     yield from extend(0, layers - alignment.n_student, ())
 
 
-def greedy_cost_without_cache(alignment: Alignment, kl: KLOrder) -> float:
-    """Layer-forwards --order kl spent before the cache: every candidate and, each round, the teacher from the first layer."""
+def greedy_cost_without_cache(alignment: Alignment, kl: KLOrder) -> tuple[float, float]:
+    """(layer-forwards, head passes) of --order kl before the cache: each round ran the teacher and every
+    new candidate from the first layer."""
     n, everything = alignment.n_student, frozenset(range(alignment.n_student))
-    known, cost = {everything}, 0.0
-
-    def round_of(sets: list[frozenset[int]]) -> float:
+    known, layers, heads = {everything}, 0.0, 0.0
+    rounds = [[frozenset(kl.greedy[:step]) | {b} for b in range(n) if b not in kl.greedy[:step]] for step in range(n)]
+    for order in (kl.greedy, patch_order(alignment, "first"), patch_order(alignment, "last")):
+        rounds.append([frozenset(order[:k]) for k in range(n + 1)])
+    for sets in rounds:
         missing = {s for s in sets if s not in known}
         known.update(missing)
-        return alignment.n_teacher + sum(size_of(alignment, s) for s in missing) if missing else 0.0
-
-    for step in range(n):
-        patched = frozenset(kl.greedy[:step])
-        cost += round_of([patched | {b} for b in range(n) if b not in patched])
-    for order in (kl.greedy, patch_order(alignment, "first"), patch_order(alignment, "last")):
-        cost += round_of([frozenset(order[:k]) for k in range(n + 1)])
-    return cost
+        if missing:
+            layers += alignment.n_teacher + sum(size_of(alignment, s) for s in missing)
+            heads += 1 + len(missing)
+    return layers, heads
 
 
 def search_order(loaded: LoadedPair, text: EvalText, budget: int = SEARCH_BUDGET, beam: int = BEAM,
-                 batch_size: int = CALIB_BATCH, on_size: Callable[[SizeSearch], None] | None = None) -> SearchOrder:
+                 batch_size: int = CALIB_BATCH) -> SearchOrder:
     if budget < 1 or beam < 1:
         raise LayerspliceError("--search-budget and --beam must be at least 1")
     scorer = KLScorer(loaded, text, batch_size)
@@ -151,18 +154,18 @@ def search_order(loaded: LoadedPair, text: EvalText, budget: int = SEARCH_BUDGET
     # One round for every exact size: its candidates share their prefixes, and the greedy order then costs nothing.
     scorer.scores([s for n in exact for s in subsets_of_size(alignment, n)])
     kl = kl_order_from(scorer)
-    greedy_cost = greedy_cost_without_cache(alignment, kl)
+    greedy_layers, greedy_heads = greedy_cost_without_cache(alignment, kl)
+    cap = greedy_layers + greedy_heads * scorer.runner.head_weight
     greedy = {n: _along(alignment, kl.greedy, n) for n in sizes}
     seeds = {n: [s for s in dict.fromkeys((greedy[n], _along(alignment, "first", n), _along(alignment, "last", n)))
                  if s is not None] for n in sizes}
-    _Beam(scorer, alignment, beam, greedy_cost).run([n for n in sizes if n not in exact], seeds)
-    found = []
-    for n in sizes:
-        found.append(_best(scorer, alignment, n, greedy[n], EXACT if n in exact else BEAM_SEARCH))
-        if on_size:
-            on_size(found[-1])
-    cost = {**scorer.cost(), "greedy_without_cache": round(greedy_cost, 2)}
-    return SearchOrder(tuple(found), kl, budget, beam, cost, _budget_kl(scorer, alignment, found))
+    _Beam(scorer, alignment, beam, cap).run([n for n in sizes if n not in exact], seeds)
+    found = [_best(scorer, alignment, n, greedy[n], EXACT if n in exact else BEAM_SEARCH) for n in sizes]
+    cost = {**scorer.cost(), "greedy_without_cache": greedy_layers, "greedy_heads_without_cache": greedy_heads}
+    budget_kl = {"search": _budget_kl(scorer, [frozenset(s.patched) for s in found])}
+    if all(s is not None for s in greedy.values()):
+        budget_kl["greedy"] = _budget_kl(scorer, list(greedy.values()))
+    return SearchOrder(tuple(found), kl, budget, beam, cost, budget_kl)
 
 
 def _along(alignment: Alignment, order, layers: int) -> frozenset[int] | None:
@@ -183,10 +186,10 @@ def _best(scorer: KLScorer, alignment: Alignment, layers: int, greedy: frozenset
                       method, subsets_count(alignment, layers), len(scored))
 
 
-def _budget_kl(scorer: KLScorer, alignment: Alignment, found: list[SizeSearch]) -> float:
-    """Mean KL over parameter budgets along student, the chosen sizes, teacher."""
+def _budget_kl(scorer: KLScorer, middle: list[frozenset[int]]) -> float:
+    """Mean KL over parameter budgets along the student, these sets and the teacher (kl_order.budget_mean_kl)."""
     pair = scorer.runner.loaded.job.pair
-    sets = [frozenset(), *(frozenset(s.patched) for s in found), frozenset(range(alignment.n_student))]
+    sets = [frozenset(), *middle, frozenset(range(scorer.n))]
     params = [make_plan(pair, s).params for s in sets]
     order = sorted(range(len(sets)), key=lambda i: params[i])
     return budget_mean_kl([scorer.scores([sets[i]])[0] for i in order], [params[i] for i in order])
@@ -204,7 +207,7 @@ class _Beam:
     def run(self, sizes: list[int], seeds: dict[int, list[frozenset[int]]]) -> None:
         beams: dict[int, list[frozenset[int]]] = {self.alignment.n_student: [frozenset()]}
         for left, layers in zip(range(len(sizes), 0, -1), sizes):
-            share = (self.cap - self.scorer.runner.spent) / left
+            share = (self.cap - self.scorer.runner.work()) / left
             pool = set(seeds[layers]) | {
                 s | {b} for smaller, sets in beams.items() for s in sets for b in self.multi
                 if b not in s and size_of(self.alignment, s | {b}) == layers and smaller < layers
@@ -213,7 +216,7 @@ class _Beam:
 
     def _improve(self, layers: int, frontier: set[frozenset[int]], share: float) -> list[frozenset[int]]:
         """Score the frontier cheapest first within `share`, then the beam's neighbours while the beam improves."""
-        limit = self.scorer.runner.spent + share
+        limit = self.scorer.runner.work() + share
         beam: list[frozenset[int]] = []
         while True:
             self._score_within(frontier, min(limit, self.cap))
@@ -228,7 +231,7 @@ class _Beam:
     def _score_within(self, frontier: set[frozenset[int]], limit: float) -> None:
         runner = self.scorer.runner
         todo = sorted((runner.estimate(s), sorted(s), s) for s in frontier if s not in self.scorer.known)
-        chosen, total = [], runner.spent
+        chosen, total = [], runner.work()
         for cost, _, s in todo:
             if total + cost > limit:
                 break

@@ -178,10 +178,10 @@ def search_reason(choice: dict | None, plan: Plan) -> str:
     calibration = search.get("calibration") or {}
     text = f"{calibration.get('tokens', '?')} tokens of `{Path(str(calibration.get('path', '?'))).name}`"
     if size["method"] == "exact":
-        how = f"the closest of all {size['subsets']} sets of blocks that make a {plan.n_layers}-layer model"
+        how = f"of all {size['subsets']} sets of blocks that make models of {plan.n_layers} layers"
     else:
-        how = (f"the closest a beam search found, scoring {size['scored']} of the {size['subsets']} sets of "
-               f"blocks that make a {plan.n_layers}-layer model")
+        how = (f"of the {size['scored']} sets, out of the {size['subsets']} that make models of {plan.n_layers} "
+               "layers, that a beam search scored")
     if size.get("greedy_patched_blocks") is None:
         greedy = ""
     elif sorted(size["greedy_patched_blocks"]) == sorted(size["patched_blocks"]):
@@ -190,8 +190,8 @@ def search_reason(choice: dict | None, plan: Plan) -> str:
         greedy = (f" The greedy KL order (`--order kl`) patches blocks "
                   f"{', '.join(map(str, size['greedy_patched_blocks']))} at this size (KL {size['greedy_kl']:.4f}).")
     return (
-        f"\n\nThis size patches student blocks {blocks}, chosen by `--order search` as {how} to the teacher "
-        f"by KL(teacher || model) on {text}: {size['kl']:.4f} per token.{greedy}"
+        f"\n\nThis size patches student blocks {blocks}, chosen by `--order search`: {how}, these bring the "
+        f"model closest to the teacher, by KL(teacher || model) on {text} ({size['kl']:.4f} per token).{greedy}"
     )
 
 

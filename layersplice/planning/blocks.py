@@ -42,7 +42,12 @@ def check_choices(alignment: Alignment, choices: SizeChoices) -> SizeChoices:
     """Refuse choices that name a block the student lacks or whose layer count is not their size."""
     ends = (alignment.n_student, alignment.n_teacher)
     for layers, blocks in choices.sizes:
-        by_blocks(alignment, blocks)
+        bad = [b for b in blocks if not 0 <= b < alignment.n_student]
+        if bad:
+            raise LayerspliceError(
+                f"the search choice for {layers} layers names block {bad[0]}, but the student has blocks "
+                f"0..{alignment.n_student - 1}; was it made for another student?"
+            )
         if size_of(alignment, frozenset(blocks)) != layers or not ends[0] < layers < ends[1]:
             raise LayerspliceError(
                 f"the search choice for {layers} layers patches blocks {list(blocks)}, which make a model of "
