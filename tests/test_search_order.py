@@ -277,6 +277,9 @@ def test_recipes_accept_order_kl_and_search_with_their_calibration_text(searched
     recipe.write_text(f"name: r\nteacher: {pair.teacher}\nstudent: {pair.student}\norder: search\n")
     result = cli("plan", "--recipe", recipe)
     assert result.exit_code == 2 and "--order search measures KL on calibration text: add --calib" in result.output
+    recipe.write_text(f"name: r\nteacher: {pair.teacher}\nstudent: {pair.student}\norder: kl\ncalib: gone.jsonl\n")
+    result = cli("plan", "--recipe", recipe)
+    assert result.exit_code == 2 and f"{recipe}: calib {tmp_path / 'gone.jsonl'} does not exist" in result.output
 
 
 @pytest.mark.parametrize("content, message", [

@@ -106,6 +106,8 @@ def resolve_sources(recipe_path, teacher, student, teacher_revision, student_rev
     order = order or (recipe.order if recipe else "last")
     if recipe is not None and calib is None and order in ("kl", "search"):
         calib = recipe.calib_path(base)
+        if calib is not None and not calib.exists():
+            raise LayerspliceError(f"{recipe_path}: calib {calib} does not exist; fix the recipe's calib or pass --calib FILE")
     named = (("the recipe", recipe_path), ("the teacher", job.teacher.directory), ("the student", job.student.directory),
              ("--order-file", order_file), ("--calib", calib), ("--arch", arch_file))
     inputs = tuple((what, Path(path)) for what, path in named if path is not None)
@@ -128,6 +130,10 @@ def _resolve_order(job: Job, order: str, order_file: Path | None, calib: Path | 
         chosen = record.get("kl_order", {}).get("chosen_from")
         how = f" (the {chosen} order scored best)" if chosen and chosen != "greedy" else ""
         err_console.print(f"patch order: blocks {','.join(map(str, resolved))}{how}", highlight=False)
+        cost = record.get("kl_order", {}).get("layer_forwards")
+        if cost:
+            err_console.print(f"--order kl: {cost['spent']:.0f} layer-forwards over the calibration text (full "
+                              f"passes of the same models would cost {cost['full_passes']:.0f})", highlight=False)
     return resolved, record
 
 

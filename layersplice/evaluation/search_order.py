@@ -159,7 +159,7 @@ def search_order(loaded: LoadedPair, text: EvalText, budget: int = SEARCH_BUDGET
     greedy = {n: _along(alignment, kl.greedy, n) for n in sizes}
     seeds = {n: [s for s in dict.fromkeys((greedy[n], _along(alignment, "first", n), _along(alignment, "last", n)))
                  if s is not None] for n in sizes}
-    _Beam(scorer, alignment, beam, cap).run([n for n in sizes if n not in exact], seeds)
+    _Beam(scorer, alignment, beam, cap).run(sizes, exact, seeds)
     found = [_best(scorer, alignment, n, greedy[n], EXACT if n in exact else BEAM_SEARCH) for n in sizes]
     cost = {**scorer.cost(), "greedy_without_cache": greedy_layers, "greedy_heads_without_cache": greedy_heads}
     budget_kl = {"search": _budget_kl(scorer, [frozenset(s.patched) for s in found])}
@@ -204,15 +204,26 @@ class _Beam:
         self.singles = [b for b in blocks if alignment.block_length(b) == 1]
         self.multi = [b for b in blocks if alignment.block_length(b) > 1]
 
-    def run(self, sizes: list[int], seeds: dict[int, list[frozenset[int]]]) -> None:
+    def run(self, sizes: list[int], exact: list[int], seeds: dict[int, list[frozenset[int]]]) -> None:
+        """Beam search the sizes not in `exact` (whose sets are all scored already), smallest first."""
         beams: dict[int, list[frozenset[int]]] = {self.alignment.n_student: [frozenset()]}
-        for left, layers in zip(range(len(sizes), 0, -1), sizes):
+        left = len(sizes) - len(exact)
+        for layers in sizes:
+            if layers in exact:
+                beams[layers] = self._top(layers)
+                continue
             share = (self.cap - self.scorer.runner.work()) / left
+            left -= 1
             pool = set(seeds[layers]) | {
                 s | {b} for smaller, sets in beams.items() for s in sets for b in self.multi
                 if b not in s and size_of(self.alignment, s | {b}) == layers and smaller < layers
             }
             beams[layers] = self._improve(layers, pool | self._toggles(pool), share)
+
+    def _top(self, layers: int) -> list[frozenset[int]]:
+        """The `width` lowest-KL sets scored at this size."""
+        scored = sorted((kl, sorted(s), s) for s, kl in self.scorer.known.items() if size_of(self.alignment, s) == layers)
+        return [s for _, _, s in scored[: self.width]]
 
     def _improve(self, layers: int, frontier: set[frozenset[int]], share: float) -> list[frozenset[int]]:
         """Score the frontier cheapest first within `share`, then the beam's neighbours while the beam improves."""
@@ -220,9 +231,7 @@ class _Beam:
         beam: list[frozenset[int]] = []
         while True:
             self._score_within(frontier, min(limit, self.cap))
-            scored = sorted((kl, sorted(s), s) for s, kl in self.scorer.known.items()
-                            if size_of(self.alignment, s) == layers)
-            better = [s for _, _, s in scored[: self.width]]
+            better = self._top(layers)
             if better == beam:
                 return beam
             beam = better
