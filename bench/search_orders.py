@@ -3,7 +3,8 @@
 1. The fixture pair (fixtures/, recipes/tiny.yaml), on the demo's texts:
    calibration KL on the first 4,096 tokens of stdlib_text.CALIBRATION_MODULES
    and held-out perplexity on 16,384 tokens of stdlib_text.HELD_OUT_MODULES,
-   windows of 128. Greedy kl and search (exact at every size: 9 blocks) against
+   windows of 128 (--calibration default: the calibration of `--order kl` and
+   `--order search` on the command line instead, 16,384 tokens in windows of 512). Greedy kl and search (exact at every size: 9 blocks) against
    the exhaustive oracle: every one of the 512 sets of blocks measured on the
    held-out text, the best per size. Layer-forwards and wall time of each.
 2. A deeper pair made like the fixture (bench/deep_pair.py: 28-layer teacher,
@@ -29,7 +30,7 @@ import torch
 from layersplice.distill.losses import cross_entropy_loss
 from layersplice.evaluation.candidates import SpliceRunner
 from layersplice.evaluation.in_memory import LoadedPair
-from layersplice.evaluation.kl_order import choose_kl_order
+from layersplice.evaluation.kl_order import calibration_text, choose_kl_order
 from layersplice.evaluation.perplexity import EvalText, load_text, load_tokenizer, predicted, window_batches
 from layersplice.evaluation.plot import Curve, plot_family
 from layersplice.evaluation.search_order import search_order
@@ -123,7 +124,7 @@ def table(result: dict) -> list[str]:
 
 def plot(path: Path, result: dict, title: str) -> None:
     sizes = result["sizes"]
-    curves = [Curve(f"{name}", sizes, [result["perplexity"][name][n] for n in sizes],
+    curves = [Curve({"greedy": "greedy kl", "oracle": "held-out oracle (every set measured)"}.get(name, name), sizes, [result["perplexity"][name][n] for n in sizes],
                     "--" if name == "oracle" else "-") for name in result["chosen"]]
     ends = result["ends"]
     plot_family(path, curves, (sizes[0] - 1, ends["student"]), (sizes[-1] + 1, ends["teacher"]),
@@ -137,6 +138,8 @@ def main() -> None:
     parser.add_argument("--deep-out", type=Path, default=here / "orders-deep.png", help="the deeper pair's PNG")
     parser.add_argument("--json", type=Path, help="also write every number here")
     parser.add_argument("--only", choices=("fixture", "deep"), help="measure one of the two pairs")
+    parser.add_argument("--calibration", choices=("demo", "default"), default="demo",
+                        help="the demo's calibration (4,096 tokens, windows of 128) or the command line's")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = {}
@@ -151,8 +154,10 @@ def main() -> None:
             job = open_job(str(teacher), str(student), [])
             tokenizer = load_tokenizer(job.teacher.directory)
             loaded = LoadedPair(job, torch.device("cpu"), torch.float32)
-            results[name] = compare(loaded, load_text(calibration_file, tokenizer, SEQ_LEN, CALIBRATION_TOKENS),
-                                    load_text(held_out_file, tokenizer, SEQ_LEN, HELD_OUT_TOKENS), name == "fixture")
+            calibration = (load_text(calibration_file, tokenizer, SEQ_LEN, CALIBRATION_TOKENS)
+                           if args.calibration == "demo" else calibration_text(job, calibration_file, tokenizer))
+            results[name] = compare(loaded, calibration, load_text(held_out_file, tokenizer, SEQ_LEN, HELD_OUT_TOKENS),
+                                    name == "fixture")
             print(f"\n## {name}: greedy order {results[name]['greedy_order']}\n")
             print("\n".join(table(results[name])), flush=True)
     titles = {"fixture": (args.out, "Fixture pair: blocks per size by greedy KL, search and held-out oracle"),

@@ -8,7 +8,7 @@ deepest state it shares with one of them: a splice that differs from a scored
 one only in its last blocks costs only those blocks and the head.
 
 Memory is bounded: states live in a least-recently-used cache of at most
-`cache_bytes`; past it the oldest are dropped and recomputed when needed, so
+`cache_bytes` (and a quarter of the memory free on the device); past it the oldest are dropped and recomputed when needed, so
 the bound costs time, never a wrong result. A layer-forward is one decoder
 layer run over the whole text; `spent` counts them as they run, `full_passes`
 what running every splice from its first layer would have cost, and `heads`
@@ -78,7 +78,7 @@ class SpliceRunner:
     def __init__(self, loaded: LoadedPair, text: EvalText, batch_size: int, cache_bytes: int = CACHE_BYTES) -> None:
         self.loaded, self.text, self.batch_size = loaded, text, batch_size
         self.n = loaded.job.pair.alignment.n_student
-        self.cache = StateCache(cache_bytes)
+        self.cache = StateCache(min(cache_bytes, _free_bytes(loaded.device) // 4))
         self.spent = 0.0
         self.full_passes = 0.0
         self.heads = 0.0
@@ -193,3 +193,14 @@ def _head_weight(layout) -> float:
     """The head's matrix multiply (vocabulary x hidden) in units of an average decoder layer's."""
     layer = sum(t.numel for layer in layout.layers for t in layer) / max(1, layout.n_layers)
     return max(t.numel for t in layout.embeddings) / layer if layer else 0.0
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory free on the device now: the GPU's, or the RAM Linux says is available (page cache included)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):  # not Linux: keep the fixed bound
+        return CACHE_BYTES * 4

@@ -7,7 +7,7 @@ one-layer blocks, which change weights but not the size, are free choices at
 every size. The pure student and teacher stay the family's ends.
 
 * Exact where a size has at most `budget` candidate sets: all are scored.
-  The default, 512 = 2**9, makes every size of any 9-block student exact.
+  The default, 256, makes every size of any 9-block student exact.
 * Otherwise a beam search of width `beam`: the beam of a size starts from the
   greedy kl order's set, first's and last's, and each beam set of the smaller
   sizes with one more block; swap moves (one patched block for an unpatched

@@ -15,8 +15,10 @@ from layersplice.planning.alignment import Alignment
 
 ORDERS = ("last", "first", "kl", "search")
 # --order search: sizes with at most this many candidate sets are searched
-# exhaustively (2**9: every size of any 9-block student); the others by a beam this wide.
-SEARCH_BUDGET = 512
+# exhaustively, the others by a beam this wide. 256 is the most sets any size
+# between student and teacher of a 9-block student has (one two-layer block
+# and eight one-layer ones), so every 9-block student is searched exhaustively.
+SEARCH_BUDGET = 256
 BEAM = 4
 
 
