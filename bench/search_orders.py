@@ -5,7 +5,8 @@
    and held-out perplexity on 16,384 tokens of stdlib_text.HELD_OUT_MODULES,
    windows of 128 (--calibration default: the calibration of `--order kl` and
    `--order search` on the command line instead, 16,384 tokens in windows of 512). Greedy kl and search (exact at every size: 9 blocks) against
-   the exhaustive oracle: every one of the 512 sets of blocks measured on the
+   the beam alone (--search-budget 0, within greedy's uncached cost) and the
+   exhaustive oracle: every one of the 512 sets of blocks measured on the
    held-out text, the best per size. Layer-forwards and wall time of each.
 2. A deeper pair made like the fixture (bench/deep_pair.py: 28-layer teacher,
    15 student blocks), on the same texts: greedy kl against the beam search,
@@ -35,7 +36,7 @@ from layersplice.evaluation.perplexity import EvalText, load_text, load_tokenize
 from layersplice.evaluation.plot import Curve, plot_family
 from layersplice.evaluation.search_order import search_order
 from layersplice.evaluation.stdlib_text import CALIBRATION_MODULES, HELD_OUT_MODULES, write_documents
-from layersplice.planning.blocks import by_layers, size_of
+from layersplice.planning.blocks import SEARCH_BUDGET, by_layers, size_of
 from layersplice.planning.job import open_job
 
 from deep_pair import deep_pair
@@ -63,33 +64,38 @@ def held_out_perplexity(loaded: LoadedPair, text: EvalText, sets: list[frozenset
 
 
 def compare(loaded: LoadedPair, calibration: EvalText, held_out: EvalText, oracle: bool) -> dict:
-    """Greedy kl and search (and with `oracle` every set) on one pair: choices, costs, held-out perplexity."""
+    """Greedy kl and search (and with `oracle` the beam alone and every set) on one pair: choices, costs, perplexity."""
     alignment = loaded.job.pair.alignment
     started = time.perf_counter()
     greedy = choose_kl_order(loaded, calibration)
-    greedy_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    found = search_order(loaded, calibration)
-    search_seconds = time.perf_counter() - started
+    seconds = {"greedy": time.perf_counter() - started}
+    searches = {}
+    # Where the default search is exact (the fixture), also the beam alone: --search-budget 0.
+    for name, budget in (("search", SEARCH_BUDGET), ("beam", 0))[: 2 if oracle else 1]:
+        started = time.perf_counter()
+        searches[name] = search_order(loaded, calibration, budget)
+        seconds[name] = time.perf_counter() - started
+    found = searches["search"]
     sizes = [s.layers for s in found.sizes]
-    chosen = {"greedy": {n: by_layers(alignment, n, greedy.greedy) for n in sizes},
-              "search": {s.layers: frozenset(s.patched) for s in found.sizes}}
+    chosen = {"greedy": {n: by_layers(alignment, n, greedy.greedy) for n in sizes}}
+    chosen.update({name: {s.layers: frozenset(s.patched) for s in run.sizes} for name, run in searches.items()})
     every = [frozenset(b for b in range(alignment.n_student) if bits >> b & 1) for bits in range(1 << alignment.n_student)]
     measured = every if oracle else list({s for sets in chosen.values() for s in sets.values()})
     started = time.perf_counter()
     perplexity = held_out_perplexity(loaded, held_out, measured + [frozenset(), frozenset(range(alignment.n_student))])
+    seconds["held_out"] = time.perf_counter() - started
     if oracle:
         chosen["oracle"] = {n: min((s for s in every if size_of(alignment, s) == n), key=perplexity.get) for n in sizes}
     return {
         "sizes": sizes,
         "chosen": {name: {n: sorted(s) for n, s in sets.items()} for name, sets in chosen.items()},
         "perplexity": {name: {n: perplexity[s] for n, s in sets.items()} for name, sets in chosen.items()},
-        "kl": {"greedy": {s.layers: s.greedy_kl for s in found.sizes}, "search": {s.layers: s.kl for s in found.sizes}},
+        "kl": {"greedy": {s.layers: s.greedy_kl for s in found.sizes},
+               **{name: {s.layers: s.kl for s in run.sizes} for name, run in searches.items()}},
         "methods": {s.layers: f"{s.method}, {s.scored} of {s.subsets}" for s in found.sizes},
         "ends": {"student": perplexity[frozenset()], "teacher": perplexity[frozenset(range(alignment.n_student))]},
-        "cost": {"greedy": greedy.layer_forwards, "search": found.layer_forwards},
-        "seconds": {"greedy": round(greedy_seconds, 1), "search": round(search_seconds, 1),
-                    "held_out": round(time.perf_counter() - started, 1)},
+        "cost": {"greedy": greedy.layer_forwards, **{name: run.layer_forwards for name, run in searches.items()}},
+        "seconds": {name: round(value, 1) for name, value in seconds.items()},
         "greedy_order": list(greedy.greedy),
     }
 
@@ -109,23 +115,23 @@ def table(result: dict) -> list[str]:
     lines.append(f"\nmean gain of search over greedy: {sum(gains) / len(gains):+.2f} %; search better at "
                  f"{sum(g > 0 for g in gains)}, equal at {sum(g == 0 for g in gains)}, worse at "
                  f"{sum(g < 0 for g in gains)} of {len(gains)} sizes")
-    cost = result["cost"]
+    cost, seconds = result["cost"], result["seconds"]
+    runs = ", ".join(f"{name} {cost[name]['spent']:.0f} ({cost[name]['heads']:.0f}; {seconds[name]} s)"
+                     for name in cost)
     lines.append(
-        f"layer-forwards over the calibration text (head passes): greedy kl {cost['greedy']['spent']:.0f} "
-        f"({cost['greedy']['heads']:.0f}), search {cost['search']['spent']:.0f} ({cost['search']['heads']:.0f}); "
-        f"greedy without the cache {cost['search']['greedy_without_cache']:.0f} "
-        f"({cost['search']['greedy_heads_without_cache']:.0f}); every model search scored, from its first layer: "
-        f"{cost['search']['full_passes']:.0f}")
-    seconds = result["seconds"]
-    lines.append(f"wall time on 1 thread: greedy kl {seconds['greedy']} s, search {seconds['search']} s "
-                 f"(held-out measurement {seconds['held_out']} s)")
+        f"layer-forwards over the calibration text (head passes; wall time on 1 thread): {runs}; greedy without "
+        f"the cache {cost['search']['greedy_without_cache']:.0f} ({cost['search']['greedy_heads_without_cache']:.0f}); "
+        f"every model the search scored, each from its first layer: {cost['search']['full_passes']:.0f}; "
+        f"held-out measurement {seconds['held_out']} s")
     return lines
 
 
 def plot(path: Path, result: dict, title: str) -> None:
     sizes = result["sizes"]
-    curves = [Curve({"greedy": "greedy kl", "oracle": "held-out oracle (every set measured)"}.get(name, name), sizes, [result["perplexity"][name][n] for n in sizes],
-                    "--" if name == "oracle" else "-") for name in result["chosen"]]
+    labels = {"greedy": "greedy kl", "search": "search", "beam": "beam alone (--search-budget 0)",
+              "oracle": "held-out oracle (every set measured)"}
+    curves = [Curve(labels[name], sizes, [result["perplexity"][name][n] for n in sizes],
+                    "--" if name == "oracle" else ":" if name == "beam" else "-") for name in result["chosen"]]
     ends = result["ends"]
     plot_family(path, curves, (sizes[0] - 1, ends["student"]), (sizes[-1] + 1, ends["teacher"]),
                 "perplexity (held-out text)", title, xlabel="layers")

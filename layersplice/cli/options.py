@@ -65,7 +65,7 @@ def source_options(func):
         click.option("--order", type=click.Choice(ORDERS), help="Patch blocks from the end (last), the start (first), greedily by KL to the teacher on --calib text (kl), or, for each size, the blocks with the lowest KL (search; sizes need not be nested). Default: the recipe's, else last."),
         click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration text for --order kl or search (.txt, .jsonl, .parquet or a folder)."),
         click.option("--order-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Reuse the patch order or search recorded in a layersplice.json (e.g. one built with --order kl or search)."),
-        click.option("--search-budget", type=click.IntRange(min=1), default=SEARCH_BUDGET, show_default=True, help="--order search scores every set of blocks of a size that has at most this many (the default covers any 9-block student); larger sizes get a beam search."),
+        click.option("--search-budget", type=click.IntRange(min=0), default=SEARCH_BUDGET, show_default=True, help="--order search scores every set of blocks of a size that has at most this many (the default covers any 9-block student); larger sizes get a beam search (0: every size)."),
         click.option("--beam", type=click.IntRange(min=1), default=BEAM, show_default=True, help="Beam width of --order search where a size has more sets than --search-budget."),
         click.option("--dtype", type=click.Choice(sorted(DTYPE_CHOICES)), help="Cast floating tensors (streams chunk by chunk). Default: copy bytes as they are."),
         click.option("--arch", "arch_file", type=click.Path(dir_okay=False, path_type=Path), help="Family description YAML for a model layersplice does not know."),

@@ -12,10 +12,11 @@ every size. The pure student and teacher stay the family's ends.
   greedy kl order's set, first's and last's, and each beam set of the smaller
   sizes with one more block; swap moves (one patched block for an unpatched
   one of the same length) and one-layer block toggles of the beam follow
-  while they improve it. Cheaper candidates are scored first, and the whole
-  search stops adding candidates once it has done the work the greedy order
-  did without the cache (layer-forwards, and head passes weighted by the
-  head's size against a layer's), spread evenly over the beam's sizes.
+  while they improve it. The moves of better-ranked beam sets are scored
+  first, the cheaper first among them, and the whole search stops adding
+  candidates once it has done the work the greedy order did without the cache
+  (layer-forwards, and head passes weighted by the head's size against a
+  layer's), spread evenly over the beam's sizes.
 
 The greedy kl order runs on the same scorer, and its set at every size is one
 of the candidates there, so no size is worse than greedy's on the
@@ -145,8 +146,8 @@ def greedy_cost_without_cache(alignment: Alignment, kl: KLOrder) -> tuple[float,
 
 def search_order(loaded: LoadedPair, text: EvalText, budget: int = SEARCH_BUDGET, beam: int = BEAM,
                  batch_size: int = CALIB_BATCH) -> SearchOrder:
-    if budget < 1 or beam < 1:
-        raise LayerspliceError("--search-budget and --beam must be at least 1")
+    if budget < 0 or beam < 1:
+        raise LayerspliceError("--search-budget must be at least 0 and --beam at least 1")
     scorer = KLScorer(loaded, text, batch_size)
     alignment = loaded.job.pair.alignment
     sizes = [n for n in range(alignment.n_student + 1, alignment.n_teacher) if subsets_count(alignment, n)]
@@ -214,19 +215,21 @@ class _Beam:
                 continue
             share = (self.cap - self.scorer.runner.work()) / left
             left -= 1
-            pool = set(seeds[layers]) | {
-                s | {b} for smaller, sets in beams.items() for s in sets for b in self.multi
-                if b not in s and size_of(self.alignment, s | {b}) == layers and smaller < layers
-            }
-            beams[layers] = self._improve(layers, pool | self._toggles(pool), share)
+            pool = dict.fromkeys(seeds[layers], -1)
+            for smaller, sets in beams.items():
+                for rank, s in enumerate(sets):
+                    for b in self.multi:
+                        if b not in s and smaller < layers == size_of(self.alignment, s | {b}):
+                            pool.setdefault(s | {b}, rank)
+            beams[layers] = self._improve(layers, self._with_toggles(pool), share)
 
     def _top(self, layers: int) -> list[frozenset[int]]:
         """The `width` lowest-KL sets scored at this size."""
         scored = sorted((kl, sorted(s), s) for s, kl in self.scorer.known.items() if size_of(self.alignment, s) == layers)
         return [s for _, _, s in scored[: self.width]]
 
-    def _improve(self, layers: int, frontier: set[frozenset[int]], share: float) -> list[frozenset[int]]:
-        """Score the frontier cheapest first within `share`, then the beam's neighbours while the beam improves."""
+    def _improve(self, layers: int, frontier: dict[frozenset[int], int], share: float) -> list[frozenset[int]]:
+        """Score the frontier within `share`, then the beam's neighbours while the beam improves."""
         limit = self.scorer.runner.work() + share
         beam: list[frozenset[int]] = []
         while True:
@@ -235,29 +238,38 @@ class _Beam:
             if better == beam:
                 return beam
             beam = better
-            frontier = self._swaps(beam) | self._toggles(set(beam))
+            frontier = {}
+            for rank, s in enumerate(beam):
+                for neighbour in self._swaps(s):
+                    frontier.setdefault(neighbour, rank)
+            frontier = self._with_toggles(frontier)
 
-    def _score_within(self, frontier: set[frozenset[int]], limit: float) -> None:
+    def _score_within(self, frontier: dict[frozenset[int], int], limit: float) -> None:
+        """Score what fits within `limit`: the neighbours of better-ranked sets first, the cheaper first among them."""
         runner = self.scorer.runner
-        todo = sorted((runner.estimate(s), sorted(s), s) for s in frontier if s not in self.scorer.known)
+        todo = sorted((rank, runner.estimate(s), sorted(s), s) for s, rank in frontier.items()
+                      if s not in self.scorer.known)
         chosen, total = [], runner.work()
-        for cost, _, s in todo:
-            if total + cost > limit:
-                break
-            chosen.append(s)
-            total += cost
+        for _, cost, _, s in todo:
+            if total + cost <= limit:
+                chosen.append(s)
+                total += cost
         if chosen:
             self.scorer.scores(chosen)
 
-    def _swaps(self, beam: list[frozenset[int]]) -> set[frozenset[int]]:
+    def _swaps(self, patched: frozenset[int]) -> list[frozenset[int]]:
+        """One patched multi-layer block for an unpatched one of the same length: the same size."""
         length = self.alignment.block_length
-        return {
-            s - {a} | {b} for s in beam for a, b in itertools.product(sorted(s), self.multi)
-            if b not in s and length(a) == length(b) > 1
-        }
+        return [patched - {a} | {b} for a, b in itertools.product(sorted(patched), self.multi)
+                if b not in patched and length(a) == length(b) > 1]
 
-    def _toggles(self, sets: set[frozenset[int]]) -> set[frozenset[int]]:
-        return {s ^ {b} for s in sets for b in self.singles}
+    def _with_toggles(self, ranked: dict[frozenset[int], int]) -> dict[frozenset[int], int]:
+        """The sets and each with one one-layer block toggled (the same size), at their set's rank."""
+        toggled = dict(ranked)
+        for s, rank in ranked.items():
+            for b in self.singles:
+                toggled.setdefault(s ^ {b}, rank)
+        return toggled
 
 
 def search_order_for(job: Job, calib: Path, budget: int = SEARCH_BUDGET, beam: int = BEAM) -> SearchOrder:
