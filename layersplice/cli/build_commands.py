@@ -72,6 +72,7 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
       layersplice build --recipe recipes/tiny.yaml --keep 2 --out tiny-mid --json
       layersplice build --recipe recipes/qwen3.yaml --params 3B --out qwen3-3b
       layersplice build --recipe recipes/tiny.yaml --order kl --calib held-out.txt --keep 2 --out tiny-kl
+      layersplice build --recipe recipes/tiny.yaml --order search --calib calib.txt --all --out sizes/
     """
     job = sources.job
     name = name or (sources.recipe.name if sources.recipe else Path(job.teacher.directory).name)

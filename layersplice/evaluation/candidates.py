@@ -91,7 +91,8 @@ class SpliceRunner:
     def decisions(self, patched: frozenset[int]) -> Decisions:
         return tuple(b in patched for b in range(self.n))
 
-    def run(self, sets: Sequence[frozenset[int]], consume: Consume, before_batch=None) -> None:
+    def run(self, sets: Sequence[frozenset[int]], consume: Consume,
+            before_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> None:
         """consume(set, batch index, logits, mask) for every set and batch; sets share states in prefix order.
 
         before_batch(batch index, ids, mask), when given, runs first in each batch (the teacher's targets)."""
