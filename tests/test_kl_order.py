@@ -12,7 +12,9 @@ from eval_support import eval_pair, one_torch_thread  # noqa: F401 - fixtures
 
 from layersplice.cli.main import cli
 from layersplice.evaluation.in_memory import LoadedPair
-from layersplice.evaluation.kl_order import budget_mean_kl, choose_kl_order, kl_to_teacher
+from search_support import Reference
+
+from layersplice.evaluation.kl_order import budget_mean_kl, choose_kl_order
 from layersplice.evaluation.perplexity import load_text, load_tokenizer
 from layersplice.planning.job import open_job
 
@@ -35,12 +37,12 @@ def chosen(calibration):
 
 
 def test_each_greedy_step_patches_the_block_with_the_lowest_kl(calibration, chosen):
-    _, loaded, text = calibration
-    teacher = loaded.splice(frozenset(range(4)))
+    pair, _, text = calibration
+    reference = Reference(pair, text, batch_size=4)  # whole nn.Module splices, each from its first layer
     patched: set[int] = set()
     for block in chosen.greedy[:-1]:
         candidates = [b for b in range(4) if b not in patched]
-        kls = kl_to_teacher(teacher, [loaded.splice(frozenset(patched | {b})) for b in candidates], text, 4, CPU)
+        kls = reference.kl([frozenset(patched | {b}) for b in candidates])
         assert candidates[kls.index(min(kls))] == block
         patched.add(block)
     assert sorted(chosen.greedy) == [0, 1, 2, 3]

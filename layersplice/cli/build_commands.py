@@ -88,6 +88,7 @@ def build(sources: Sources, keep, patch, layers, blocks, params, max_bytes, all_
       layersplice build --recipe recipes/tiny.yaml --keep 2 --out tiny-mid --json
       layersplice build --recipe recipes/qwen3.yaml --params 3B --out qwen3-3b
       layersplice build --recipe recipes/tiny.yaml --order kl --calib out/demo/calibration.jsonl --keep 2 --out tiny-kl
+      layersplice build --recipe recipes/tiny.yaml --order search --calib out/demo/calibration.jsonl --all --out sizes/
     """
     if hub_owner:
         sources = dataclasses.replace(sources, job=dataclasses.replace(sources.job, hub_owner=hub_owner))

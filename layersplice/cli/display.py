@@ -16,7 +16,8 @@ from layersplice.architectures.layout import Layout
 from layersplice.checkpoint.source import Checkpoint
 from layersplice.checkpoint.strict_json import dumps
 from layersplice.planning.alignment import read_student_config
-from layersplice.planning.blocks import by_patch, keep_sequence, multi_layer_blocks
+from layersplice.errors import LayerspliceError
+from layersplice.planning.blocks import Order, by_patch, describe_order, keep_sequence, multi_layer_blocks
 from layersplice.planning.job import Job
 from layersplice.planning.plan import PlanSize, SizeTable
 from layersplice.units import format_bytes, format_params
@@ -41,22 +42,25 @@ def progress_bar() -> Progress:
     )
 
 
-def plan_rows(job: Job, order: str) -> list[tuple[int, PlanSize, int | None]]:
+def plan_rows(job: Job, order: Order) -> list[tuple[int, PlanSize, int | None]]:
     """(keep, size, reference --patch k giving the same blocks or None) for every keep."""
     alignment = job.pair.alignment
     patch_of: dict[frozenset[int], int] = {}
     for k in range(multi_layer_blocks(alignment) + 1):
-        patch_of.setdefault(by_patch(alignment, k, order), k)
+        try:
+            patch_of.setdefault(by_patch(alignment, k, order), k)
+        except LayerspliceError:
+            continue  # a search may have no size, or several, with k multi-layer blocks patched
     table = SizeTable(job.pair, job.cast)
     return [(keep, table.size(patched), patch_of.get(patched)) for keep, patched in keep_sequence(alignment, order)]
 
 
-def plan_json(job: Job, order: str, rows) -> dict:
+def plan_json(job: Job, order: Order, rows) -> dict:
     alignment = job.pair.alignment
     return {
         "layersplice_version": __version__,
         "family": job.pair.teacher.family,
-        "order": order,
+        "order": describe_order(order),
         "alignment": {"copied_teacher_layers": list(alignment.copied), "teacher_layers": alignment.n_teacher, "from": job.alignment_origin},
         "blocks": [list(b) for b in alignment.blocks],
         "sizes": [
@@ -76,11 +80,11 @@ def plan_json(job: Job, order: str, rows) -> dict:
     }
 
 
-def plan_table(console: Console, job: Job, order: str, rows) -> None:
+def plan_table(console: Console, job: Job, order: Order, rows) -> None:
     alignment = job.pair.alignment
     console.print(
         f"[bold]{job.pair.teacher.family}[/]: teacher {alignment.n_teacher} layers, student "
-        f"{alignment.n_student} layers, order [bold]{order}[/], alignment from {job.alignment_origin}"
+        f"{alignment.n_student} layers, order [bold]{describe_order(order)}[/], alignment from {job.alignment_origin}"
     )
     untied = [untied_head(job, plan) for _, plan, _ in rows]
     caption = (f"{UNTIED_MARK} stores its own copy of the tied LM head (embeddings and head come from different "

@@ -1,8 +1,9 @@
 """eval and demo: measure every size of a family; the whole job on the embedded pair.
 
-The demo chooses the patch order by KL, plans, builds every size, evaluates
-them against the naive baseline and plots, on the tiny fixture pair that ships
-with the repository. Its texts are stdlib docstrings (evaluation/stdlib_text.py),
+The demo chooses the blocks of every size by KL (the better of the greedy
+order and the per-size search), plans, builds every size, evaluates them
+against the naive baseline and plots, on the tiny fixture pair that ships with
+the repository. Its texts are stdlib docstrings (evaluation/stdlib_text.py),
 so it needs no network.
 
 torch-heavy modules are imported inside the functions, so registering these
@@ -32,6 +33,7 @@ from layersplice.cli.options import (
     json_option,
     name_option,
     resolve_sources,
+    search_summary,
     source_options,
     text_field_option,
 )
@@ -51,6 +53,9 @@ MAX_TOKENS = 16384
 CALIBRATION_TOKENS = 4096
 DEMO_RECORD = "demo.json"  # the summary; marks the folder as the demo's
 DEMO_MARK = "layersplice_demo"
+# The demo searches every size by beam, within the work of the greedy order without its cache: on the
+# fixture that finds the exhaustive search's sets in about a quarter of its time (bench/RESULTS.md).
+DEMO_SEARCH_BUDGET = 0
 
 
 @click.command("eval")
@@ -260,7 +265,7 @@ def run_demo(out: Path, console: Console) -> dict:
     sources = resolve_sources(SourceRequest(recipe=RECIPE))
     refuse_overlap(out, sources.inputs)
     _claim_demo_folder(out)
-    sources = with_kl_order(sources, write_documents(out / "calibration.jsonl", CALIBRATION_MODULES), console)
+    sources = with_better_order(sources, write_documents(out / "calibration.jsonl", CALIBRATION_MODULES), console)
     job, name = sources.job, sources.recipe.name
     display.plan_table(console, job, sources.order, display.plan_rows(job, sources.order))
     sizes_dir = out / "sizes"
@@ -313,21 +318,32 @@ def _claim_demo_folder(out: Path) -> None:
     write_json(out / DEMO_RECORD, {DEMO_MARK: __version__, "complete": False})
 
 
-def with_kl_order(sources: Sources, calibration: Path, console: Console) -> Sources:
-    """The sources with the patch order --order kl picks on a few thousand calibration tokens."""
+def with_better_order(sources: Sources, calibration: Path, console: Console) -> Sources:
+    """The sources with the better of --order kl and --order search on a few thousand calibration tokens.
+
+    Better is the lower mean KL to the teacher over parameter budgets, along
+    each one's sizes. The search scores greedy's set at every size too, so it
+    wins unless they tie."""
     import torch
 
     from layersplice.evaluation.in_memory import LoadedPair
-    from layersplice.evaluation.kl_order import choose_kl_order
     from layersplice.evaluation.perplexity import load_text, load_tokenizer
+    from layersplice.evaluation.search_order import search_order
 
     job = sources.job
     text = load_text(calibration, load_tokenizer(job.teacher.directory), SEQ_LEN, CALIBRATION_TOKENS)
-    chosen = choose_kl_order(LoadedPair(job, torch.device("cpu"), torch.float32), text)
-    scores = ", ".join(f"{name} {kl:.4f}" for name, kl in chosen.budget_kl.items())
+    found = search_order(LoadedPair(job, torch.device("cpu"), torch.float32), text, DEMO_SEARCH_BUDGET)
+    kl = found.kl
+    budget = found.budget_kl
+    use_search = budget["search"] <= budget.get("greedy", budget["search"])
     console.print(
-        f"patch order by KL to the teacher on {text.tokens} calibration tokens: blocks "
-        f"{','.join(map(str, chosen.blocks))} (mean KL over sizes: {scores})",
+        f"patch order by KL to the teacher on {text.tokens} calibration tokens: greedy blocks "
+        f"{','.join(map(str, kl.greedy))}; the search's sizes (mean KL over sizes: search {budget['search']:.4f}, "
+        f"greedy {budget.get('greedy', float('nan')):.4f}): using {'search' if use_search else 'kl'}",
         highlight=False,
     )
-    return replace(sources, order=chosen.blocks, order_record=chosen.record())
+    if use_search:
+        for line in search_summary(found.record()["search"]):
+            console.print(line, highlight=False)
+        return replace(sources, order=found.choices(), order_record=found.record())
+    return replace(sources, order=kl.blocks, order_record=kl.record())

@@ -3,8 +3,9 @@
 Every option that several commands take is defined once here, so that it has
 one name, type and help text everywhere (tests/test_shared_options.py compares
 the options of every command). The teacher, the student, the alignment, the
-dtype and the patch order (last, first, a recorded order or KL on calibration
-text) become one `Sources`; the size options become the set of patched blocks.
+dtype and the patch order (last, first, a recorded order or search, or KL on
+calibration text) become one `Sources`; the size options become the set of
+patched blocks.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from layersplice.checkpoint.atomic import refuse_overlap
 from layersplice.checkpoint.bounded import CONFIG_LIMIT, read_bounded
 from layersplice.errors import LayerspliceError
 from layersplice.planning.alignment import AlignmentSpec, parse_layer_list
-from layersplice.planning.blocks import ORDERS, Order, by_blocks, by_keep, by_layers, by_patch, patch_order
+from layersplice.planning.blocks import (
+    BEAM, ORDERS, SEARCH_BUDGET, Order, SizeChoices, by_blocks, by_keep, by_layers, by_patch, check_choices,
+    patch_order,
+)
 from layersplice.planning.job import Job, open_job
 from layersplice.planning.recipe import Recipe, load_recipe, model_reference
 from layersplice.planning.sizes import describe_target, pick_target
@@ -172,6 +176,8 @@ class SourceRequest:
     order: str | None = None
     calib: Path | None = None
     order_file: Path | None = None
+    search_budget: int = SEARCH_BUDGET
+    beam: int = BEAM
     dtype: str | None = None
     arch_file: Path | None = None
     allow_pickle: bool = False
@@ -200,9 +206,11 @@ source_options = with_options(
     *model_options("student"),
     alignment_options,
     override_alignment_option,
-    click.option("--order", type=click.Choice(ORDERS), help="Patch blocks from the end (last), the start (first), or greedily by KL to the teacher on --calib text (kl). Default: the recipe's, else last."),
-    click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration text for --order kl (.txt, .jsonl, .parquet or a folder)."),
-    click.option("--order-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Reuse the patch order recorded in a layersplice.json (e.g. one built with --order kl)."),
+    click.option("--order", type=click.Choice(ORDERS), help="Patch blocks from the end (last), the start (first), greedily by KL to the teacher on --calib text (kl), or, for each size, the blocks with the lowest KL (search; sizes need not be nested). Default: the recipe's, else last."),
+    click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration text for --order kl or search (.txt, .jsonl, .parquet or a folder; default: the recipe's calib)."),
+    click.option("--order-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Reuse the patch order or search recorded in a layersplice.json (e.g. one built with --order kl or search)."),
+    click.option("--search-budget", type=click.IntRange(min=0), default=SEARCH_BUDGET, show_default=True, help="--order search scores every set of blocks of a size that has at most this many (the default covers any 9-block student); larger sizes get a beam search (0: every size)."),
+    click.option("--beam", type=click.IntRange(min=1), default=BEAM, show_default=True, help="Beam width of --order search where a size has more sets than --search-budget."),
     dtype_option,
     arch_option,
     allow_pickle_option,
@@ -210,7 +218,8 @@ source_options = with_options(
 
 
 def resolve_sources(request: SourceRequest, shard_size: str | None = None, out: Path | None = None) -> Sources:
-    """`out`, when the command names it now, is refused before the slow part (--order kl) if it overlaps an input."""
+    """`out`, when the command names it now, is refused before the slow part (--order kl or search) if it
+    overlaps an input."""
     recipe, base = load_recipe(request.recipe) if request.recipe else (None, Path("."))
     if recipe is None and not (request.teacher and request.student):
         raise LayerspliceError("name the models: --teacher T --student S, or --recipe recipes/NAME.yaml")
@@ -237,13 +246,19 @@ def resolve_sources(request: SourceRequest, shard_size: str | None = None, out: 
     for note in job.warnings:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     size = shard_size or (recipe.shard_size if recipe else "5GB")
+    order = request.order or (recipe.order if recipe else "last")
+    calib = request.calib
+    if recipe is not None and calib is None and order in ("kl", "search"):
+        calib = recipe.calib_path(base)
+        if calib is not None and not calib.exists():
+            raise LayerspliceError(
+                f"{request.recipe}: calib {calib} does not exist; fix the recipe's calib or pass --calib FILE")
     named = (("the recipe", request.recipe), ("the teacher", job.teacher.directory), ("the student", job.student.directory),
-             ("--order-file", request.order_file), ("--calib", request.calib), ("--arch", request.arch_file))
+             ("--order-file", request.order_file), ("--calib", calib), ("--arch", request.arch_file))
     inputs = tuple((what, Path(path)) for what, path in named if path is not None)
     if out is not None:
         refuse_overlap(out, inputs)
-    order = request.order or (recipe.order if recipe else "last")
-    resolved, record = _resolve_order(job, order, request.order_file, request.calib)
+    resolved, record = _resolve_order(job, order, request.order_file, calib, (request.search_budget, request.beam))
     return Sources(job, recipe, resolved, parse_bytes(size), record, inputs)
 
 
@@ -259,15 +274,23 @@ def family_name(sources: Sources, name: str | None) -> str:
     return student.hub_name.split("/")[-1] if student.hub_name else Path(student.reference).expanduser().resolve().name
 
 
-def _resolve_order(job: Job, order: str, order_file: Path | None, calib: Path | None) -> tuple[Order, dict]:
+def _resolve_order(job: Job, order: str, order_file: Path | None, calib: Path | None,
+                   search: tuple[int, int]) -> tuple[Order, dict]:
     def step(count: int, block: int, kl: float) -> None:
         err_console.print(f"--order kl: patch {count} is block {block} (KL to the teacher {kl:.4f})", highlight=False)
 
-    resolved, record = choose_order(job, order, order_file, calib, on_step=step)
-    if isinstance(resolved, tuple):
+    resolved, record = choose_order(job, order, order_file, calib, on_step=step, search=search)
+    if record["order"] == "search":
+        for line in search_summary(record["search"]):
+            err_console.print(line, highlight=False)
+    elif isinstance(resolved, tuple):
         chosen = record.get("kl_order", {}).get("chosen_from")
         how = f" (the {chosen} order scored best)" if chosen and chosen != "greedy" else ""
         err_console.print(f"patch order: blocks {','.join(map(str, resolved))}{how}", highlight=False)
+        cost = record.get("kl_order", {}).get("layer_forwards")
+        if cost:
+            err_console.print(f"--order kl: {cost['spent']:.0f} layer-forwards over the calibration text (full "
+                              f"passes of the same models would cost {cost['full_passes']:.0f})", highlight=False)
     return resolved, record
 
 
@@ -337,34 +360,84 @@ def with_sources(func):
     return wrapper
 
 
-def choose_order(job: Job, order: str, order_file: Path | None, calib: Path | None, on_step=None) -> tuple[Order, dict]:
+def choose_order(job: Job, order: str, order_file: Path | None, calib: Path | None, on_step=None,
+                 search: tuple[int, int] = (SEARCH_BUDGET, BEAM)) -> tuple[Order, dict]:
     """(order for the block functions, its record for layersplice.json)."""
     if order_file is not None:
-        blocks = read_order_file(order_file)
-        patch_order(job.pair.alignment, blocks)  # checks it names every block once
-        return blocks, {"order": "file", "patch_order": list(blocks), "order_file": str(order_file)}
-    if order != "kl":
+        return _order_from_file(job, order_file)
+    if order not in ("kl", "search"):
         if calib is not None:
-            raise LayerspliceError("--calib is the calibration text of --order kl; add --order kl or drop --calib")
+            raise LayerspliceError("--calib is the calibration text of --order kl or search; add --order kl or drop --calib")
         return order, {"order": order}
     if calib is None:
-        raise LayerspliceError("--order kl measures KL on calibration text: add --calib FILE (.txt, .jsonl or .parquet)")
+        raise LayerspliceError(f"--order {order} measures KL on calibration text: add --calib FILE (.txt, .jsonl or .parquet)")
+    if order == "search":
+        from layersplice.evaluation.search_order import search_order_for
+
+        with err_console.status("--order search: scoring sets of blocks by KL to the teacher"):
+            found = search_order_for(job, calib, *search)
+        return found.choices(), found.record()
     from layersplice.evaluation.kl_order import kl_order_for
 
     chosen = kl_order_for(job, calib, on_step)
     return chosen.blocks, chosen.record()
 
 
-def read_order_file(path: Path) -> tuple[int, ...]:
-    """'patch_order' from a layersplice.json (or any JSON object holding one at the top or in 'choice')."""
+def _order_from_file(job: Job, path: Path) -> tuple[Order, dict]:
+    found, search = read_order_file(path)
+    if search is None:
+        patch_order(job.pair.alignment, found)  # checks it names every block once
+        return found, {"order": "file", "patch_order": list(found), "order_file": str(path)}
+    try:
+        choices = check_choices(job.pair.alignment, found)
+    except LayerspliceError as exc:
+        raise LayerspliceError(f"--order-file {path}: {exc}") from None
+    return choices, {"order": "file", "order_file": str(path), "search": search}
+
+
+def read_order_file(path: Path) -> tuple[tuple[int, ...], None] | tuple[SizeChoices, dict]:
+    """A layersplice.json's 'patch_order', or its search (the choices and the record), at the top or in 'choice'."""
     try:
         data = json.loads(read_bounded(path, CONFIG_LIMIT, "--order-file", LayerspliceError))
     except json.JSONDecodeError as exc:
         raise LayerspliceError(f"--order-file {path}: cannot read JSON ({exc})") from None
-    found = data.get("patch_order", (data.get("choice") or {}).get("patch_order")) if isinstance(data, dict) else None
+    where = [data, data.get("choice") or {}] if isinstance(data, dict) else []
+    search = next((d["search"] for d in where if isinstance(d, dict) and "search" in d), None)
+    if search is not None:
+        return _search_choices(path, search), search
+    found = next((d["patch_order"] for d in where if isinstance(d, dict) and "patch_order" in d), None)
     if not isinstance(found, list) or not all(isinstance(b, int) for b in found):
         raise LayerspliceError(
             f"--order-file {path}: no 'patch_order' list of block numbers; give the layersplice.json "
-            "of a model built with --order kl"
+            "of a model built with --order kl or search"
         )
-    return tuple(found)
+    return tuple(found), None
+
+
+def _search_choices(path: Path, search) -> SizeChoices:
+    try:
+        sizes = tuple((int(s["layers"]), tuple(sorted(int(b) for b in s["patched_blocks"]))) for s in search["sizes"])
+    except (TypeError, KeyError, ValueError):
+        raise LayerspliceError(
+            f"--order-file {path}: its 'search' has no list of sizes with 'layers' and 'patched_blocks'; "
+            "give the layersplice.json of a model built with --order search"
+        ) from None
+    return SizeChoices(sizes)
+
+
+def search_summary(search: dict) -> list[str]:
+    """What --order search chose at each size, and what it cost."""
+    lines = []
+    for size in search["sizes"]:
+        greedy = "" if size.get("greedy_kl") is None else f", greedy kl {size['greedy_kl']:.4f}"
+        lines.append(
+            f"--order search: {size['layers']} layers patch blocks {','.join(map(str, size['patched_blocks']))} "
+            f"(KL {size['kl']:.4f}{greedy}; {size['method']}, {size['scored']} of {size['subsets']} sets scored)"
+        )
+    cost = search.get("layer_forwards")
+    if cost:
+        lines.append(
+            f"--order search: {cost['spent']:.0f} layer-forwards spent (full passes would cost "
+            f"{cost['full_passes']:.0f}; the greedy kl order without the cache {cost['greedy_without_cache']:.0f})"
+        )
+    return lines

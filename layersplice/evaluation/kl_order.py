@@ -9,10 +9,14 @@ buys is the largest one along the order that fits); the best of the three is
 the order used, so --order kl is never worse than both on the calibration text.
 
 Memory: the teacher and student weights once (every candidate model is made of
-references to them), plus one batch's logits of the teacher and of one
-candidate. Cost: n(n+1)/2 - 1 candidate forward passes over the calibration
-text for a student of n blocks, n - 1 teacher passes, and the few first/last
-prefixes the greedy search did not already score.
+references to them), one batch's logits of the teacher and of one candidate,
+and the cached hidden states (candidates.py, at most CACHE_BYTES). Cost:
+n(n+1)/2 - 1 candidates for a student of n blocks, and the few first/last
+prefixes the greedy search did not already score; each candidate runs only
+from the block it adds (the state before it is the previous step's), and the
+teacher runs once. On the fixture pair and a 19-block student that is about a
+third to a half of the layer-forwards of running every candidate and the
+teacher from the first layer (bench/RESULTS.md, orders).
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from layersplice.distill.losses import kl_loss
 from layersplice.evaluation.in_memory import LoadedPair, compute_dtype, pick_device
-from layersplice.evaluation.perplexity import EvalText, load_text, load_tokenizer, window_batches
+from layersplice.evaluation.candidates import CACHE_BYTES, SpliceRunner
+from layersplice.evaluation.perplexity import EvalText, load_text, load_tokenizer
 from layersplice.planning.blocks import patch_order
 from layersplice.planning.job import Job
 from layersplice.planning.plan import make_plan
@@ -44,6 +48,7 @@ class KLOrder:
     kl_curves: dict[str, list[float]]  # per order: KL after 0..n blocks are patched
     budget_kl: dict[str, float]  # per order: mean KL over parameter budgets
     calibration: dict
+    layer_forwards: dict[str, float]  # KLScorer.cost(): spent, and what full passes would have cost
 
     def record(self) -> dict:
         """What goes into layersplice.json next to the chosen sizes."""
@@ -56,48 +61,89 @@ class KLOrder:
                 "budget_mean_kl": self.budget_kl,
                 "kl_after_each_block": self.kl_curves,
                 "calibration": self.calibration,
+                "layer_forwards": self.layer_forwards,
             },
         }
 
 
-@torch.inference_mode()
-def kl_to_teacher(teacher, models: list, text: EvalText, batch_size: int, device: torch.device) -> list[float]:
-    """Mean per-token KL(teacher || model) of each model; the teacher runs once per batch."""
-    sums = [0.0] * len(models)
-    count = 0
-    for ids, mask in window_batches(text, batch_size, device):
-        attention = mask.long()
-        target = teacher(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        n = int(mask.sum())
-        for i, model in enumerate(models):
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-            sums[i] += float(kl_loss(logits, target, mask, 1.0)) * n
-        count += n
-    return [total / count for total in sums]
+class KLScorer:
+    """Mean per-token KL(teacher || splice) on the calibration text, each set of patched blocks scored once.
 
+    Splices run through one SpliceRunner, so each starts from the deepest
+    hidden state it shares with a splice scored before (candidates.py); the
+    teacher's targets come from its own cached states, so it runs once.
+    """
 
-class _Scorer:
-    """KL of patched sets, each set scored once."""
-
-    def __init__(self, loaded: LoadedPair, text: EvalText, batch_size: int) -> None:
-        self.loaded, self.text, self.batch_size = loaded, text, batch_size
+    def __init__(self, loaded: LoadedPair, text: EvalText, batch_size: int = CALIB_BATCH,
+                 cache_bytes: int = CACHE_BYTES) -> None:
+        self.runner = SpliceRunner(loaded, text, batch_size, cache_bytes)
         self.n = loaded.job.pair.alignment.n_student
-        self.teacher = loaded.splice(frozenset(range(self.n)))
-        self.known: dict[frozenset[int], float] = {frozenset(range(self.n)): 0.0}
+        self.n_teacher = loaded.job.pair.alignment.n_teacher
+        everything = frozenset(range(self.n))
+        self.teacher = self.runner.model(everything)
+        self.known: dict[frozenset[int], float] = {everything: 0.0}
 
     def scores(self, sets: list[frozenset[int]]) -> list[float]:
-        missing = list(dict.fromkeys(s for s in sets if s not in self.known))
+        missing = [s for s in dict.fromkeys(sets) if s not in self.known]
         if missing:
-            models = [self.loaded.splice(s) for s in missing]
-            values = kl_to_teacher(self.teacher, models, self.text, self.batch_size, self.loaded.device)
-            self.known.update(zip(missing, values))
+            self.known.update(zip(missing, self._measure(missing)))
         return [self.known[s] for s in sets]
+
+    def _measure(self, sets: list[frozenset[int]]) -> list[float]:
+        sums = dict.fromkeys(sets, 0.0)
+        target: list[Target] = []
+        tokens = 0
+
+        def teacher(index: int, ids: torch.Tensor, mask: torch.Tensor) -> None:
+            nonlocal tokens
+            target[:] = [Target.of(self.runner.logits(*self.teacher, index, ids, mask), mask)]
+            tokens += int(mask.sum())
+
+        def add(patched: frozenset[int], index: int, logits: torch.Tensor, mask: torch.Tensor) -> None:
+            sums[patched] += target[0].kl_sum(logits)
+
+        self.runner.run(sets, add, teacher)
+        # Without the cache the teacher ran once for each round of candidates.
+        self.runner.full_passes += self.n_teacher
+        return [sums[s] / tokens for s in sets]
 
     def curve(self, order: list[int]) -> list[float]:
         return self.scores([frozenset(order[:k]) for k in range(self.n + 1)])
 
+    def cost(self) -> dict[str, float]:
+        """Layer-forwards (one decoder layer over the whole calibration text) spent, what full passes of the same
+        models would have cost, and the head passes (one per model scored, and the teacher's)."""
+        runner = self.runner
+        return {"spent": round(runner.spent, 2), "full_passes": round(runner.full_passes, 2),
+                "heads": round(runner.heads, 2)}
 
-def greedy_order(scorer: _Scorer, on_step=None) -> list[int]:
+
+@dataclass(frozen=True)
+class Target:
+    """The teacher's next-token distribution on one batch, ready to score many models against.
+
+    KL(p || q) per token is sum p log p - sum p z + logsumexp(z) for the model's
+    logits z (sum p = 1), so each model costs one logsumexp and one dot product
+    with the teacher's probabilities, which are computed once."""
+
+    probs: torch.Tensor  # [batch, seq, vocab]
+    self_term: torch.Tensor  # [batch, seq]: sum p log p
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, mask: torch.Tensor) -> Target:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        probs = log_probs.exp()
+        return cls(probs, (probs * log_probs).sum(-1), mask)
+
+    def kl_sum(self, logits: torch.Tensor) -> float:
+        """Sum over real tokens of KL(teacher || model)."""
+        logits = logits.float()
+        per_token = self.self_term - (self.probs * logits).sum(-1) + torch.logsumexp(logits, dim=-1)
+        return float(torch.where(self.mask, per_token, 0).sum())
+
+
+def greedy_order(scorer: KLScorer, on_step=None) -> list[int]:
     """Each step patches the block whose patching gives the lowest KL (lowest index on a tie)."""
     patched: list[int] = []
     while len(patched) < scorer.n:
@@ -119,8 +165,13 @@ def budget_mean_kl(curve: list[float], params: list[int]) -> float:
 
 
 def choose_kl_order(loaded: LoadedPair, text: EvalText, batch_size: int = CALIB_BATCH, on_step=None) -> KLOrder:
-    scorer = _Scorer(loaded, text, batch_size)
-    alignment, pair = loaded.job.pair.alignment, loaded.job.pair
+    return kl_order_from(KLScorer(loaded, text, batch_size), on_step)
+
+
+def kl_order_from(scorer: KLScorer, on_step=None) -> KLOrder:
+    """The greedy order and the choice among greedy, first and last, on a scorer that may know some sets already."""
+    pair = scorer.runner.loaded.job.pair
+    alignment = pair.alignment
     orders = {"greedy": greedy_order(scorer, on_step)}
     orders.update({name: patch_order(alignment, name) for name in ("first", "last")})
     curves, budget = {}, {}
@@ -129,7 +180,8 @@ def choose_kl_order(loaded: LoadedPair, text: EvalText, batch_size: int = CALIB_
         params = [make_plan(pair, frozenset(order[:k])).params for k in range(scorer.n + 1)]
         budget[name] = budget_mean_kl(curves[name], params)
     best = min(orders, key=lambda name: (budget[name], name != "greedy"))
-    return KLOrder(tuple(orders[best]), tuple(orders["greedy"]), best, curves, budget, text.describe())
+    return KLOrder(tuple(orders[best]), tuple(orders["greedy"]), best, curves, budget,
+                   scorer.runner.text.describe(), scorer.cost())
 
 
 def calibration_text(job: Job, calib: Path, tokenizer) -> EvalText:

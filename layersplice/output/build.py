@@ -45,7 +45,7 @@ def write_model(
     With `card_name` (the name the output will have) a model card is written too."""
     config, rewritten = spliced_config(job.layouts, plan, job.configs, job.cast)
     side_dir = job.checkpoint(plan.embeddings_from).directory
-    card = build_card(job, plan, config, shard_size, card_name) if card_name else None
+    card = build_card(job, plan, config, shard_size, card_name, choice) if card_name else None
     files = write_checkpoint(directory, plan.tensors, config, side_dir, shard_size, sources, progress, card)
     write_sealed(directory / PROVENANCE_FILE, _provenance(job, plan, choice, rewritten, files))
     return files

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 from layersplice.checkpoint.source import CARD_FILE, Checkpoint, pinned_revision  # CARD_FILE: ours go there too
+from layersplice.output.family import searched_size
 from layersplice.output.source_card import read_source_card
 from layersplice.planning.alignment import Alignment
 from layersplice.planning.job import Job
@@ -185,6 +187,33 @@ def interpolated_what(teacher: Checkpoint, student: Checkpoint, n_teacher: int, 
     )
 
 
+def search_reason(choice: dict | None, plan: Plan) -> str:
+    """Why this size patches its blocks, when `--order search` chose them ('' otherwise)."""
+    size = searched_size(choice, plan.n_layers, plan.patched)
+    if size is None:
+        return ""
+    search = choice["search"]
+    blocks = ", ".join(map(str, size["patched_blocks"]))
+    calibration = search.get("calibration") or {}
+    text = f"{calibration.get('tokens', '?')} tokens of `{Path(str(calibration.get('path', '?'))).name}`"
+    if size["method"] == "exact":
+        how = f"of all {size['subsets']} sets of blocks that make models of {plan.n_layers} layers"
+    else:
+        how = (f"of the {size['scored']} sets, out of the {size['subsets']} that make models of {plan.n_layers} "
+               "layers, that a beam search scored")
+    if size.get("greedy_patched_blocks") is None:
+        greedy = ""
+    elif sorted(size["greedy_patched_blocks"]) == sorted(size["patched_blocks"]):
+        greedy = " The greedy KL order (`--order kl`) patches the same blocks at this size."
+    else:
+        greedy = (f" The greedy KL order (`--order kl`) patches blocks "
+                  f"{', '.join(map(str, size['greedy_patched_blocks']))} at this size (KL {size['greedy_kl']:.4f}).")
+    return (
+        f"\n\nThis size patches student blocks {blocks}, chosen by `--order search`: {how}, these bring the "
+        f"model closest to the teacher, by KL(teacher || model) on {text} ({size['kl']:.4f} per token).{greedy}"
+    )
+
+
 def student_init_what(teacher: Checkpoint, copied: tuple[int, ...]) -> str:
     return (
         f"The initial student for [boomerang distillation]({PAPER}) of `{shown_name(teacher)}`: teacher "
@@ -193,8 +222,10 @@ def student_init_what(teacher: Checkpoint, copied: tuple[int, ...]) -> str:
     )
 
 
-def build_card(job: Job, plan: Plan, config: dict, shard_size: int, name: str) -> str:
-    """The card of one interpolated size, with the `build` command that writes exactly it."""
+def build_card(job: Job, plan: Plan, config: dict, shard_size: int, name: str, choice: dict | None = None) -> str:
+    """The card of one interpolated size, with the `build` command that writes exactly it.
+
+    `choice` is the size's record in layersplice.json: when a search chose its blocks, the card says why."""
     alignment = job.pair.alignment
     # --blocks names the patched blocks whatever order chose them; no block at all is --keep everything.
     size = ["--blocks", ",".join(map(str, sorted(plan.patched)))] if plan.patched else ["--keep", str(alignment.n_student)]
@@ -205,6 +236,7 @@ def build_card(job: Job, plan: Plan, config: dict, shard_size: int, name: str) -
         *output_arguments(job.cast, shard_size, name),
     ]
     what = interpolated_what(job.teacher, job.student, alignment.n_teacher, alignment.n_student)
+    what += search_reason(choice, plan)
     facts = CardFacts(name, what, (job.teacher, job.student), plan, config, command, job.hub_owner)
     return render(facts, teacher_license(job.teacher))
 

@@ -63,7 +63,17 @@ def _size_record(directory: Path) -> tuple[dict, dict]:
         "files": files,
         "bytes": sum(f["size"] for f in files.values()),
     }
+    found = searched_size(provenance.get("choice"), entry["layers"], entry["patched_blocks"])
+    if found is not None:
+        entry["search"] = {key: found[key] for key in ("kl", "greedy_kl", "method")}
     return entry, provenance["sources"]
+
+
+def searched_size(choice: dict | None, layers: int, patched) -> dict | None:
+    """This size's entry in the record of the --order search that chose its blocks, if one did."""
+    search = (choice or {}).get("search") or {}
+    return next((s for s in search.get("sizes", ()) if s["layers"] == layers
+                 and sorted(s["patched_blocks"]) == sorted(patched)), None)
 
 
 def part_file_name(name: str, layers: list[int]) -> str:

@@ -49,7 +49,8 @@ class Recipe:
     student_id: str | None = None
     hub_owner: str | None = None  # where the sizes will be uploaded: cards load them as hub_owner/<folder>
     alignment: RecipeAlignment = field(default_factory=RecipeAlignment)
-    order: Literal["last", "first"] = "last"
+    order: Literal["last", "first", "kl", "search"] = "last"
+    calib: str | None = None  # calibration text of order kl or search, relative to the recipe
     out: str = DEFAULT_OUT
     dtype: Literal["F32", "BF16", "F16"] | None = None
     shard_size: str = "5GB"
@@ -58,6 +59,10 @@ class Recipe:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError("name must be a plain word usable in a directory name")
+
+    def calib_path(self, base: Path) -> Path | None:
+        """The calibration text, relative to the recipe's folder."""
+        return None if self.calib is None else (base / self.calib).expanduser()
 
     def output_path(self, layers: int | str) -> Path:
         return Path(self.out.format(name=self.name, layers=layers))
