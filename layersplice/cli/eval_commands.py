@@ -24,6 +24,7 @@ from layersplice import __version__
 from layersplice.cli import display
 from layersplice.checkpoint.atomic import refuse_overlap
 from layersplice.checkpoint.strict_json import write_json
+from layersplice.cli.orders import search_summary
 from layersplice.cli.options import (
     SourceRequest,
     Sources,
@@ -33,7 +34,6 @@ from layersplice.cli.options import (
     json_option,
     name_option,
     resolve_sources,
-    search_summary,
     source_options,
     text_field_option,
 )
