@@ -50,6 +50,12 @@ def _run_steps(job: dict, env: dict, cwd: Path, matrix: dict) -> list[str]:
     return ran
 
 
+def _command_env() -> dict:
+    """The environment the steps run in: `layersplice` found beside this interpreter, even in a venv not activated."""
+    return {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))}
+
+
 def _expand(value: str, matrix: dict) -> str:
     """${{ matrix.x }} from the matrix entry; other expressions (secrets) are empty here."""
     return EXPRESSION.sub(lambda m: str(matrix.get(m.group(1).removeprefix("matrix."), "")), value)
@@ -58,8 +64,7 @@ def _expand(value: str, matrix: dict) -> str:
 def test_the_ci_example_publishes_the_fixture_family(tmp_path):
     workflow = yaml.safe_load(WORKFLOW.read_text())
     assert set(workflow["jobs"]) == {"part", "publish"}
-    env = {**os.environ, **{k: str(v) for k, v in workflow["env"].items()}, **FIXTURE_ENV,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))}
+    env = {**_command_env(), **{k: str(v) for k, v in workflow["env"].items()}, **FIXTURE_ENV}
     env["HELD_OUT"] = str(write_documents(tmp_path / "held-out.jsonl", HELD_OUT_MODULES))
     assert "sizes" in workflow["jobs"]["part"]["strategy"]["matrix"]
 
@@ -89,8 +94,7 @@ def test_the_laptop_transcript_in_the_ci_readme_runs_as_written(tmp_path):
         shutil.copytree(REPOSITORY / folder, clone / folder)
     (clone / "out" / "demo").mkdir(parents=True)
     write_documents(clone / "out" / "demo" / "held-out.jsonl", HELD_OUT_MODULES)  # as `layersplice demo` writes it
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))}
+    env = _command_env()
     result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block], cwd=clone, env=env, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr
