@@ -8,7 +8,6 @@ can be checked, edited and passed with --arch FILE (or added to the package).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import yaml
 
