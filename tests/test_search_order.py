@@ -172,6 +172,25 @@ def test_the_kl_scorer_scores_each_set_once_and_the_teacher_once(ten_layer_pair)
     assert count.layer_forwards == pytest.approx(10 + 7 + 5)
 
 
+def test_the_kl_scorer_reports_sets_scored_and_work_spent_after_each_models_batch(ten_layer_pair):
+    pair, text = ten_layer_pair
+    scorer = KLScorer(loaded_pair(pair.teacher, pair.student), text, batch_size=4)
+    calls = []
+    scorer.on_progress = lambda *reported: calls.append(reported)
+    with counting_layers(text) as count:
+        scorer.scores([frozenset({1}), frozenset({1, 2})])
+    batches = scorer.runner.batches
+    assert batches > 1
+    assert len(calls) == 2 * batches  # each candidate's each batch; the teacher's targets are not reported
+    scored, under_way, shares, works = (list(column) for column in zip(*calls))
+    # Candidates finish in the last batch, one after the other; the teacher is not a scored set.
+    assert scored == [0] * (2 * batches - 2) + [1, 2] and len(scorer.known) == 3
+    assert under_way == [2] * (2 * batches - 2) + [1, 0]
+    assert shares == pytest.approx([(k + 1) / (2 * batches) for k in range(2 * batches)])
+    assert works == sorted(works) and works[0] > 0
+    assert works[-1] == pytest.approx(count.layer_forwards) == 10 + 7 + 5  # counted independently, as above
+
+
 # --- On the command line -----------------------------------------------------
 
 

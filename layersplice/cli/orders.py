@@ -53,8 +53,12 @@ def choose_order(job: Job, order: str, order_file: Path | None, calib: Path | No
     if order == "search":
         from layersplice.evaluation.search_order import search_order_for
 
-        with err_console.status("--order search: scoring sets of blocks by KL to the teacher"):
-            found = search_order_for(job, calib, *search)
+        with err_console.status("--order search: scoring sets of blocks by KL to the teacher") as status:
+            def progress(scored: int, under_way: int, round_done: float, work: float) -> None:
+                status.update(f"--order search: {scored:,} sets scored, {under_way:,} under way ({round_done:.0%}), "
+                              f"{work:,.0f} layer-forwards")
+
+            found = search_order_for(job, calib, *search, on_progress=progress)
         return found.choices(), found.record()
     from layersplice.evaluation.kl_order import kl_order_for
 

@@ -87,6 +87,7 @@ class SpliceRunner:
         windows = len(text.windows.ids)
         # Each batch's share of the text: a layer run over one batch is this much of a layer-forward.
         self._shares = [min(batch_size, windows - start) / windows for start in range(0, windows, batch_size)]
+        self.batches = len(self._shares)
 
     def decisions(self, patched: frozenset[int]) -> Decisions:
         return tuple(b in patched for b in range(self.n))

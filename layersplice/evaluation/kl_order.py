@@ -21,6 +21,7 @@ teacher from the first layer (bench/RESULTS.md, orders).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,9 @@ class KLScorer:
         everything = frozenset(range(self.n))
         self.teacher = self.runner.model(everything)
         self.known: dict[frozenset[int], float] = {everything: 0.0}
+        # After each candidate's batch: on_progress(sets scored, sets of this round under way, the share of the
+        # round done, layer-forwards spent as cost() counts them). The teacher is not counted as scored.
+        self.on_progress: Callable[[int, int, float, float], None] | None = None
 
     def scores(self, sets: list[frozenset[int]]) -> list[float]:
         missing = [s for s in dict.fromkeys(sets) if s not in self.known]
@@ -93,6 +97,7 @@ class KLScorer:
         sums = dict.fromkeys(sets, 0.0)
         target: list[Target] = []
         tokens = 0
+        runs = [0]  # candidates' batches run this round
 
         def teacher(index: int, ids: torch.Tensor, mask: torch.Tensor) -> None:
             nonlocal tokens
@@ -101,6 +106,12 @@ class KLScorer:
 
         def add(patched: frozenset[int], index: int, logits: torch.Tensor, mask: torch.Tensor) -> None:
             sums[patched] += target[0].kl_sum(logits)
+            if self.on_progress is not None:
+                runs[0] += 1
+                # The runner goes batch by batch through every candidate, so candidates finish in the last batch.
+                finished = max(0, runs[0] - (self.runner.batches - 1) * len(sets))
+                self.on_progress(len(self.known) - 1 + finished, len(sets) - finished,
+                                 runs[0] / (len(sets) * self.runner.batches), self.runner.spent)
 
         self.runner.run(sets, add, teacher)
         # Without the cache the teacher ran once for each round of candidates.

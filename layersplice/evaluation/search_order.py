@@ -145,10 +145,12 @@ def greedy_cost_without_cache(alignment: Alignment, kl: KLOrder) -> tuple[float,
 
 
 def search_order(loaded: LoadedPair, text: EvalText, budget: int = SEARCH_BUDGET, beam: int = BEAM,
-                 batch_size: int = CALIB_BATCH) -> SearchOrder:
+                 batch_size: int = CALIB_BATCH, on_progress=None) -> SearchOrder:
+    """on_progress, when given, hears how far the scoring has gone (KLScorer.on_progress)."""
     if budget < 0 or beam < 1:
         raise LayerspliceError("--search-budget must be at least 0 and --beam at least 1")
     scorer = KLScorer(loaded, text, batch_size)
+    scorer.on_progress = on_progress
     alignment = loaded.job.pair.alignment
     sizes = [n for n in range(alignment.n_student + 1, alignment.n_teacher) if subsets_count(alignment, n)]
     exact = [n for n in sizes if subsets_count(alignment, n) <= budget]
@@ -272,9 +274,10 @@ class _Beam:
         return toggled
 
 
-def search_order_for(job: Job, calib: Path, budget: int = SEARCH_BUDGET, beam: int = BEAM) -> SearchOrder:
+def search_order_for(job: Job, calib: Path, budget: int = SEARCH_BUDGET, beam: int = BEAM,
+                     on_progress=None) -> SearchOrder:
     """--order search for a job: both models loaded once, on the GPU if there is one."""
     device = pick_device("auto")
     loaded = LoadedPair(job, device, compute_dtype(job, device))
     text = calibration_text(job, calib, load_tokenizer(job.teacher.directory))
-    return search_order(loaded, text, budget, beam)
+    return search_order(loaded, text, budget, beam, on_progress=on_progress)
