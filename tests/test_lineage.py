@@ -181,3 +181,16 @@ def test_write_cards_names_the_data_as_asked_and_tables_the_results(fixture_fami
         assert f"| again | perplexity | {other['perplexity']:.4f} |" in table
         assert card.text.count("## Evaluation results") == 1
     ok("verify", family)
+
+
+def test_results_of_a_card_written_when_dataset_type_held_the_name_are_replaced_not_doubled():
+    from huggingface_hub import EvalResult
+
+    from layersplice.output.result_cards import Score, card_with_results
+
+    old = ModelCard("---\nlicense: mit\n---\n# tiny-12L\n")
+    old.data.eval_results = [EvalResult(task_type="text-generation", dataset_type="WikiText-2 test",
+                                        dataset_name="WikiText-2 test", metric_type="perplexity", metric_value=20.0)]
+    old.data.model_name = "tiny-12L"
+    again = ModelCard(card_with_results(str(old), "tiny-12L", [Score("WikiText-2 test", "perplexity", 18.5)]))
+    assert [(r.dataset_name, r.metric_value) for r in again.data.eval_results] == [("WikiText-2 test", 18.5)]

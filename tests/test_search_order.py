@@ -257,6 +257,17 @@ def test_order_file_reuses_a_search_for_plan_build_and_eval(searched_family, tmp
     assert {s["layers"]: s["patched_blocks"] for s in sizes} == rows
 
 
+def test_eval_models_alone_measures_a_searched_family_at_the_sets_its_sizes_were_built_with(searched_family, tmp_path):
+    import json
+
+    _, calib, out, _ = searched_family
+    evaluated = cli("eval", "--models", out, "--data", calib, "--max-tokens", 256, "--out", tmp_path / "eval", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    built = {entry["layers"]: entry["patched_blocks"] for entry in json.loads((out / "manifest.json").read_text())["sizes"]}
+    sizes = json.loads(evaluated.stdout)["perplexity"]["sizes"]
+    assert {s["layers"]: s["patched_blocks"] for s in sizes} == built
+
+
 def test_keep_patch_and_params_pick_sizes_of_a_search_or_say_which_exist(searched_family, tmp_path):
     import json
 

@@ -108,7 +108,7 @@ def eval_command(data, data_name, sizes, baseline, models_dir, out, name, seq_le
     if write_cards and models_dir is None:
         raise LayerspliceError("--write-cards records results in the cards of built sizes: add --models DIR (a `build --all` output)")
     request = SourceRequest.pop_from(source_options)
-    sources = resolve_sources(request if models_dir is None else _from_family(request, models_dir))
+    sources = resolve_sources(request if models_dir is None else _from_family(request, models_dir), out=out)
     job = sources.job
     name = name or (_built_name(models_dir) if models_dir and sources.recipe is None else None)
     name = family_name(sources, name)
@@ -177,7 +177,7 @@ def _from_family(request: SourceRequest, models_dir: Path) -> SourceRequest:
             filled[f"{role}_id"] = getattr(request, f"{role}_id") or source.get("hub_id")
     choice = record.get("choice") or {}
     if request.order is None and request.order_file is None:
-        if "patch_order" in choice:  # --order kl or --order-file: the order is in the record
+        if "patch_order" in choice or "search" in choice:  # kl, search or --order-file: recorded, reused as it is
             filled["order_file"] = record_path
         else:
             filled["order"] = choice.get("order")

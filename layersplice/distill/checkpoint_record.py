@@ -19,6 +19,7 @@ from layersplice.checkpoint.digest import CHECKSUM, blake3_file
 from layersplice.checkpoint.sealed_json import read_sealed, write_sealed
 from layersplice.distill.config import DistillConfig, DistillError, identity_changes
 from layersplice.errors import CheckpointError
+from layersplice.output.family import file_record
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "layersplice distill checkpoint"
@@ -42,8 +43,7 @@ def sources_identity(config: DistillConfig) -> dict[str, dict[str, str]]:
 
 
 def file_records(directory: Path, names: list[str]) -> dict[str, dict]:
-    return {name: {"size": (directory / name).stat().st_size, CHECKSUM: blake3_file(directory / name)}
-            for name in sorted(names)}
+    return {name: file_record(directory / name) for name in sorted(names)}
 
 
 def seal_manifest(directory: Path, step: int, settings: dict, sources: dict, files: dict[str, dict]) -> None:

@@ -29,6 +29,7 @@ import contextlib
 import re
 import shutil
 from concurrent.futures import Future
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def save_checkpoint(
         future = sharded.save(sharded.state_of(student, optimizer), folder / STATE_DIR, world, checkpoints.group)
     except sharded.SAVE_ERRORS as error:  # DCP raises on every rank when one rank fails
         raise _abandoned(saving, config, sharded.failure_reason(error)) from None
-    checkpoints.in_flight = _InFlight(step, folder, future, publish)
+    checkpoints.in_flight = dataclasses.replace(saving, future=future)
     checkpoints.settle(world, wait=future is None)
 
 

@@ -200,9 +200,13 @@ def calibration_text(job: Job, calib: Path, tokenizer) -> EvalText:
     return load_text(calib, tokenizer, min(CALIB_SEQ_LEN, limit), CALIB_TOKENS)
 
 
-def kl_order_for(job: Job, calib: Path, on_step=None) -> KLOrder:
-    """--order kl for a job: both models loaded once, on the GPU if there is one."""
+def loaded_calibration(job: Job, calib: Path) -> tuple[LoadedPair, EvalText]:
+    """Both models, each read once, on the GPU if there is one, and the calibration text in the teacher's tokens."""
     device = pick_device("auto")
     loaded = LoadedPair(job, device, compute_dtype(job, device))
-    text = calibration_text(job, calib, load_tokenizer(job.teacher.directory))
-    return choose_kl_order(loaded, text, on_step=on_step)
+    return loaded, calibration_text(job, calib, load_tokenizer(job.teacher.directory))
+
+
+def kl_order_for(job: Job, calib: Path, on_step=None) -> KLOrder:
+    """--order kl for a job."""
+    return choose_kl_order(*loaded_calibration(job, calib), on_step=on_step)

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layersplice.errors import LayerspliceError
-from layersplice.evaluation.in_memory import LoadedPair, compute_dtype, pick_device
+from layersplice.evaluation.in_memory import LoadedPair
 from layersplice.evaluation.kl_order import (
-    CALIB_BATCH, KLOrder, KLScorer, budget_mean_kl, calibration_text, kl_order_from,
+    CALIB_BATCH, KLOrder, KLScorer, budget_mean_kl, kl_order_from, loaded_calibration,
 )
-from layersplice.evaluation.perplexity import EvalText, load_tokenizer
+from layersplice.evaluation.perplexity import EvalText
 from layersplice.planning.alignment import Alignment
 from layersplice.planning.blocks import BEAM, SEARCH_BUDGET, SizeChoices, by_layers, patch_order, size_of
 from layersplice.planning.job import Job
@@ -276,8 +276,5 @@ class _Beam:
 
 def search_order_for(job: Job, calib: Path, budget: int = SEARCH_BUDGET, beam: int = BEAM,
                      on_progress=None) -> SearchOrder:
-    """--order search for a job: both models loaded once, on the GPU if there is one."""
-    device = pick_device("auto")
-    loaded = LoadedPair(job, device, compute_dtype(job, device))
-    text = calibration_text(job, calib, load_tokenizer(job.teacher.directory))
-    return search_order(loaded, text, budget, beam, on_progress=on_progress)
+    """--order search for a job."""
+    return search_order(*loaded_calibration(job, calib), budget, beam, on_progress=on_progress)

@@ -74,8 +74,9 @@ def card_with_results(text: str, name: str, results: list[Score]) -> str:
                    metric_type=s.metric, metric_value=s.value)
         for s in results
     ]
-    replaced = {(r.dataset_type, r.metric_type) for r in new}
-    kept = [r for r in card.data.eval_results or [] if (r.dataset_type, r.metric_type) not in replaced]
+    # Keyed by the dataset's name, which cards of every version record as given (dataset_type was once the name too)
+    replaced = {(r.dataset_name, r.metric_type) for r in new}
+    kept = [r for r in card.data.eval_results or [] if (r.dataset_name, r.metric_type) not in replaced]
     card.data.eval_results = kept + new
     card.data.model_name = card.data.model_name or name
     card.text = _with_results_table(card.text, card.data.eval_results)

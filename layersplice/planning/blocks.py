@@ -31,9 +31,6 @@ class SizeChoices:
 
     sizes: tuple[tuple[int, tuple[int, ...]], ...]  # (layers, patched blocks, sorted), fewest layers first
 
-    def at(self, layers: int) -> frozenset[int] | None:
-        return next((frozenset(blocks) for n, blocks in self.sizes if n == layers), None)
-
 
 # "last", "first", the blocks themselves in the order they are patched (what
 # --order kl chooses and --order-file reads back), or one choice per size.
