@@ -19,6 +19,7 @@ from layersplice.evaluation.in_memory import LoadedPair
 from layersplice.evaluation.perplexity import load_text, load_tokenizer, negative_log_likelihood
 from layersplice.evaluation.plot import DPI, FIGURE_INCHES
 from layersplice.planning.job import open_job
+from layersplice.planning.plan import make_plan
 
 CPU = torch.device("cpu")
 
@@ -44,6 +45,26 @@ def test_in_memory_splice_is_the_model_build_writes_and_copies_no_weight(eval_pa
         torch.testing.assert_close(logits(model, input_ids), logits(written, input_ids), rtol=1e-5, atol=1e-5)
         sources = {t.data_ptr() for tensors in (family.tensors("teacher"), family.tensors("student")) for t in tensors.values()}
         assert {p.data_ptr() for p in model.parameters()} <= sources
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "mistral", "qwen3", "gemma3", "gpt2"])
+def test_models_sharing_their_layers_are_each_the_model_build_writes(eval_pair, build, checkpoints, tmp_path, input_ids, arch):
+    """Every set of blocks at once (the models alive together, as a search's round holds them), then each
+    against what `build` writes for it: sharing a decoder layer changes no model, whatever else ran."""
+    pair = eval_pair(arch)
+    family = loaded(pair)
+    sets = [frozenset(b for b in range(4) if bits >> b & 1) for bits in range(16)]
+    models = {s: family.model(make_plan(family.job.pair, s), shared=True) for s in sets}
+    layers = {s: list(m.get_submodule(family.job.pair.layout("teacher").prefix)) for s, m in models.items()}
+    if arch in ("llama", "mistral"):  # configs with no per-layer lists and an untied head: one config per size
+        # {1} and {1, 2} have 5 layers each and differ only in the fourth (student layer 2, teacher layer 4).
+        first, other = layers[frozenset({1})], layers[frozenset({1, 2})]
+        assert [a is b for a, b in zip(first, other)] == [True, True, True, False, True]
+    for s in sets[::-1]:
+        blocks = ",".join(map(str, sorted(s))) or "none"
+        options = ("--blocks", blocks) if s else ("--keep", "4")
+        written = load_causal_lm(build(checkpoints(arch, pair.copied), tmp_path / blocks, *options))
+        torch.testing.assert_close(logits(models[s], input_ids), logits(written, input_ids), rtol=1e-5, atol=1e-5)
 
 
 def test_naive_baseline_is_the_teacher_with_the_same_layers_and_no_student_weight(eval_pair, checkpoints, input_ids):

@@ -108,7 +108,7 @@ class SpliceRunner:
 
     def model(self, patched: frozenset[int]) -> tuple[torch.nn.Module, Plan]:
         plan = make_plan(self.loaded.job.pair, patched, self.loaded.job.cast)
-        return self.loaded.model(plan), plan
+        return self.loaded.model(plan, shared=True), plan
 
     @torch.inference_mode()
     def logits(self, model, plan: Plan, index: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -3,11 +3,19 @@
 The teacher's and the student's tensors are read once; the model of any plan
 is then assembled from references to them, so every size of a family costs
 no more memory than the two source models (plus one size's activations).
+
+A search scores hundreds of plans, and building a transformers model costs
+more than running a small one (43 of 47 ms per plan on a 36-layer test pair),
+so `LoadedPair.model(plan, shared=True)` builds one model per spliced config
+and gives each plan a copy of it that shares the decoder layers already made
+for the same config, position and source tensors: only the layers new to it,
+its embeddings, norm and head are made for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 
 import torch
@@ -46,6 +54,7 @@ class LoadedPair:
     def __init__(self, job: Job, device: torch.device, dtype: torch.dtype) -> None:
         self.job, self.device, self.dtype = job, device, dtype
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self._shared: SharedLayers | None = None
 
     def tensors(self, model: str) -> dict[str, torch.Tensor]:
         if model not in self._tensors:
@@ -70,14 +79,29 @@ class LoadedPair:
         pair = self.job.pair
         return self.model(pruned_teacher_plan(pair.teacher, pair.alignment, patched, self.job.cast))
 
-    def model(self, plan: Plan):
+    def model(self, plan: Plan, shared: bool = False):
+        """The plan's model. With `shared`, its decoder layers may be modules that other plans' models of this
+        pair hold too (SharedLayers): run such models for inference only, one at a time, and change none of them."""
         config, _ = spliced_config(self.job.layouts, plan, self.job.configs, self.job.cast)
         state = {t.name: self.tensors(t.model)[t.source.name] for t in plan.tensors}
-        return model_from_state(config, state, self.device)
+        if not shared:
+            return model_from_state(config, state, self.device)
+        if self._shared is None:
+            self._shared = SharedLayers(self.device)
+        return self._shared.model(config, state, self.job.pair.layout(plan.embeddings_from).prefix)
 
 
 def model_from_state(config: dict, state: dict[str, torch.Tensor], device: torch.device):
     """A model of `config` whose parameters are the tensors of `state` themselves, in eval mode."""
+    model = _skeleton(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    _check_set(model)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _skeleton(config: dict):
+    """A transformers model of `config` with its parameters on the meta device and its buffers made."""
     from transformers import AutoModelForCausalLM
 
     config_object = transformers_config(config)
@@ -87,13 +111,80 @@ def model_from_state(config: dict, state: dict[str, torch.Tensor], device: torch
             "needs a model family transformers knows (or evaluate a `build --all` directory with --models)"
         )
     with _parameters_on_meta(), _no_weight_init():
-        model = AutoModelForCausalLM.from_config(config_object)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+        return AutoModelForCausalLM.from_config(config_object)
+
+
+def _check_set(model) -> None:
     unset = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     if unset:
         raise ArchitectureError(f"the plan leaves {len(unset)} parameters of the model unset, e.g. {unset[0]!r}")
-    return model.to(device).eval().requires_grad_(False)
+
+
+class SharedLayers:
+    """Models of many plans of one pair, built once per config, sharing decoder layers where they are the same.
+
+    A decoder layer's module depends on the config, its position and its
+    tensors (and on nothing else: transformers builds it from the config and
+    its index), so two plans whose spliced configs are equal and that put the
+    same source tensors at position i can hold one module there. Every other
+    module of a plan's model is its own shallow copy of the config's skeleton,
+    holding the plan's tensors; the tensors themselves are never copied."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._skeletons: dict[str, tuple[torch.nn.Module, dict]] = {}
+        self._layers: dict[tuple, torch.nn.Module] = {}
+
+    def model(self, config: dict, state: dict[str, torch.Tensor], prefix: str):
+        key = json.dumps(config, sort_keys=True)
+        if key not in self._skeletons:
+            self._skeletons[key] = self._made(config, prefix)
+        skeleton, layer_tensors = self._skeletons[key]
+        model = self._copy(skeleton, "", state, key, layer_tensors)
+        model.tie_weights()
+        _check_set(model)
+        return model
+
+    def _made(self, config: dict, prefix: str) -> tuple[torch.nn.Module, dict[str, tuple[tuple[str, ...], frozenset]]]:
+        """The config's skeleton on the device, in eval mode, and for each of its decoder layers the names of its
+        tensors and of its parameters among them."""
+        skeleton = _skeleton(config).eval()
+        for module in skeleton.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(self.device)
+        names = {}
+        for index, layer in enumerate(skeleton.get_submodule(prefix)):
+            path = f"{prefix}.{index}"
+            parameters = tuple(name for name, _ in layer.named_parameters(path))
+            names[path] = (parameters + tuple(name for name, _ in layer.named_buffers(path)), frozenset(parameters))
+        return skeleton, names
+
+    def _copy(self, module, path: str, state, key: str, layer_tensors: dict):
+        """The module for `path` holding `state`'s tensors: a shared decoder layer, or a new shallow copy."""
+        shared = None
+        if path in layer_tensors:
+            names, parameters = layer_tensors[path]
+            if all(name in state for name in parameters):  # a layer left unset is not shared: _check_set refuses it
+                shared = (key, path, tuple(id(state.get(name)) for name in names))
+                if shared in self._layers:
+                    return self._layers[shared]
+        copy = module.__class__.__new__(module.__class__)
+        copy.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()})
+        for name in module._parameters:
+            full = f"{path}.{name}" if path else name
+            if full in state:
+                copy._parameters[name] = torch.nn.Parameter(state[full], requires_grad=False)
+        for name in module._buffers:
+            full = f"{path}.{name}" if path else name
+            if full in state:
+                copy._buffers[name] = state[full]
+        for name, child in module._modules.items():
+            if child is not None:
+                copy._modules[name] = self._copy(child, f"{path}.{name}" if path else name, state, key, layer_tensors)
+        if shared is not None:
+            self._layers[shared] = copy
+        return copy
 
 
 def _no_weight_init():
