@@ -15,7 +15,7 @@ from PIL import Image
 from splice_reference import assemble, load_causal_lm, logits
 
 from layersplice.cli.main import cli
-from layersplice.evaluation.in_memory import LoadedPair
+from layersplice.evaluation.in_memory import LoadedPair, SharedLayers
 from layersplice.evaluation.perplexity import load_text, load_tokenizer, negative_log_likelihood
 from layersplice.evaluation.plot import DPI, FIGURE_INCHES
 from layersplice.planning.job import open_job
@@ -47,16 +47,20 @@ def test_in_memory_splice_is_the_model_build_writes_and_copies_no_weight(eval_pa
         assert {p.data_ptr() for p in model.parameters()} <= sources
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-tied", "mistral", "qwen3", "gemma3", "gpt2"])
-def test_models_sharing_their_layers_are_each_the_model_build_writes(eval_pair, build, checkpoints, tmp_path, input_ids, arch):
+@pytest.mark.parametrize("arch,kept", [("llama", 64), ("llama", 1), ("llama-tied", 64), ("mistral", 64),
+                                       ("qwen3", 64), ("gemma3", 64), ("gpt2", 64)])
+def test_models_sharing_their_layers_are_each_the_model_build_writes(eval_pair, build, checkpoints, tmp_path, input_ids,
+                                                                    monkeypatch, arch, kept):
     """Every set of blocks at once (the models alive together, as a search's round holds them), then each
-    against what `build` writes for it: sharing a decoder layer changes no model, whatever else ran."""
+    against what `build` writes for it: sharing a decoder layer changes no model, whatever else ran, and
+    neither does dropping the layers of configs past the bound (kept 1: every new config drops the last)."""
+    monkeypatch.setattr(SharedLayers, "KEPT", kept)
     pair = eval_pair(arch)
     family = loaded(pair)
     sets = [frozenset(b for b in range(4) if bits >> b & 1) for bits in range(16)]
     models = {s: family.model(make_plan(family.job.pair, s), shared=True) for s in sets}
     layers = {s: list(m.get_submodule(family.job.pair.layout("teacher").prefix)) for s, m in models.items()}
-    if arch in ("llama", "mistral"):  # configs with no per-layer lists and an untied head: one config per size
+    if arch in ("llama", "mistral") and kept > 1:  # no per-layer lists and an untied head: one config per size
         # {1} and {1, 2} have 5 layers each and differ only in the fourth (student layer 2, teacher layer 4).
         first, other = layers[frozenset({1})], layers[frozenset({1, 2})]
         assert [a is b for a, b in zip(first, other)] == [True, True, True, False, True]

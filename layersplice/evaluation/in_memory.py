@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
@@ -130,17 +131,27 @@ class SharedLayers:
     module of a plan's model is its own shallow copy of the config's skeleton,
     holding the plan's tensors; the tensors themselves are never copied."""
 
+    # Skeletons (and their layers) kept, the most recently used: about 0.5 MB of modules per 16 layers each. Most
+    # families have one config per size; those whose per-layer lists follow the source layers (layer_types) can
+    # have one per set of blocks, and a search scores thousands.
+    KEPT = 64
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._skeletons: dict[str, tuple[torch.nn.Module, dict]] = {}
-        self._layers: dict[tuple, torch.nn.Module] = {}
+        self._skeletons: OrderedDict[str, tuple[torch.nn.Module, dict]] = OrderedDict()
+        self._layers: dict[str, dict[tuple, torch.nn.Module]] = {}
 
     def model(self, config: dict, state: dict[str, torch.Tensor], prefix: str):
         key = json.dumps(config, sort_keys=True)
         if key not in self._skeletons:
             self._skeletons[key] = self._made(config, prefix)
+            self._layers[key] = {}
+            if len(self._skeletons) > self.KEPT:
+                dropped, _ = self._skeletons.popitem(last=False)
+                del self._layers[dropped]
+        self._skeletons.move_to_end(key)
         skeleton, layer_tensors = self._skeletons[key]
-        model = self._copy(skeleton, "", state, key, layer_tensors)
+        model = self._copy(skeleton, "", state, self._layers[key], layer_tensors)
         model.tie_weights()
         _check_set(model)
         return model
@@ -160,15 +171,16 @@ class SharedLayers:
             names[path] = (parameters + tuple(name for name, _ in layer.named_buffers(path)), frozenset(parameters))
         return skeleton, names
 
-    def _copy(self, module, path: str, state, key: str, layer_tensors: dict):
-        """The module for `path` holding `state`'s tensors: a shared decoder layer, or a new shallow copy."""
+    def _copy(self, module, path: str, state, layers: dict, layer_tensors: dict):
+        """The module for `path` holding `state`'s tensors: a shared decoder layer of this config (`layers`), or a
+        new shallow copy."""
         shared = None
         if path in layer_tensors:
             names, parameters = layer_tensors[path]
             if all(name in state for name in parameters):  # a layer left unset is not shared: _check_set refuses it
-                shared = (key, path, tuple(id(state.get(name)) for name in names))
-                if shared in self._layers:
-                    return self._layers[shared]
+                shared = (path, tuple(id(state.get(name)) for name in names))
+                if shared in layers:
+                    return layers[shared]
         copy = module.__class__.__new__(module.__class__)
         copy.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()})
         for name in module._parameters:
@@ -181,9 +193,10 @@ class SharedLayers:
                 copy._buffers[name] = state[full]
         for name, child in module._modules.items():
             if child is not None:
-                copy._modules[name] = self._copy(child, f"{path}.{name}" if path else name, state, key, layer_tensors)
+                child_path = f"{path}.{name}" if path else name
+                copy._modules[name] = self._copy(child, child_path, state, layers, layer_tensors)
         if shared is not None:
-            self._layers[shared] = copy
+            layers[shared] = copy
         return copy
 
 
