@@ -29,9 +29,9 @@ from unittest import mock
 
 import torch
 
+from layersplice.distill.data import pack_padded
 from layersplice.evaluation.candidates import SpliceRunner
 from layersplice.evaluation.in_memory import LoadedPair
-from layersplice.distill.data import pack_padded
 from layersplice.evaluation.perplexity import EvalText, load_text, load_tokenizer
 from layersplice.evaluation.search_order import search_order
 from layersplice.evaluation.stdlib_text import CALIBRATION_MODULES, write_documents

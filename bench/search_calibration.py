@@ -38,7 +38,9 @@ from layersplice.evaluation.candidates import SpliceRunner
 from layersplice.evaluation.in_memory import LoadedPair
 from layersplice.evaluation.kl_order import Target
 from layersplice.evaluation.perplexity import EvalText, load_text, load_tokenizer
-from layersplice.evaluation.stdlib_text import CALIBRATION_MODULES, HELD_OUT_MODULES, write_documents
+from layersplice.evaluation.stdlib_text import (
+    CALIBRATION_MODULES, HELD_OUT_MODULES, module_docstrings, write_documents,
+)
 from layersplice.planning.blocks import size_of
 from layersplice.planning.job import open_job
 
@@ -58,9 +60,7 @@ def window_kl(loaded: LoadedPair, text: EvalText, sets: list[frozenset[int]]) ->
         target[:] = [Target.of(runner.logits(*teacher, index, ids, mask), mask)]
 
     def add(patched: frozenset[int], index: int, logits: torch.Tensor, mask: torch.Tensor) -> None:
-        t, z = target[0], logits.float()
-        per_token = t.self_term - (t.probs * z).sum(-1) + torch.logsumexp(z, dim=-1)
-        sums[patched].extend(torch.where(mask, per_token, 0).sum(-1).tolist())
+        sums[patched].extend(target[0].kl_per_token(logits).sum(-1).tolist())
 
     runner.run(sets, add, before)
     return sums
@@ -68,12 +68,9 @@ def window_kl(loaded: LoadedPair, text: EvalText, sets: list[frozenset[int]]) ->
 
 def window_documents(text: EvalText, tokenizer, modules: tuple[str, ...]) -> list[int]:
     """The module each window mostly falls in (documents are joined by EOS, as load_text packs them)."""
-    from layersplice.evaluation.stdlib_text import module_docstrings
-
     ends = list(itertools.accumulate(len(tokenizer(module_docstrings(m))["input_ids"]) + 1 for m in modules))
     middles = [w * text.seq_len + text.seq_len // 2 for w in range(len(text.windows.ids))]
-    return [min(next((d for d, end in enumerate(ends) if middle < end), len(ends) - 1), len(ends) - 1)
-            for middle in middles]
+    return [next((d for d, end in enumerate(ends) if middle < end), len(ends) - 1) for middle in middles]
 
 
 class Replay:

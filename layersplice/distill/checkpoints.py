@@ -29,8 +29,7 @@ import contextlib
 import re
 import shutil
 from concurrent.futures import Future
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -227,7 +226,7 @@ def save_checkpoint(
         future = sharded.save(sharded.state_of(student, optimizer), folder / STATE_DIR, world, checkpoints.group)
     except sharded.SAVE_ERRORS as error:  # DCP raises on every rank when one rank fails
         raise _abandoned(saving, config, sharded.failure_reason(error)) from None
-    checkpoints.in_flight = dataclasses.replace(saving, future=future)
+    checkpoints.in_flight = replace(saving, future=future)
     checkpoints.settle(world, wait=future is None)
 
 

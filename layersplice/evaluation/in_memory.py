@@ -183,18 +183,18 @@ class SharedLayers:
                     return layers[shared]
         copy = module.__class__.__new__(module.__class__)
         copy.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()})
+        def full(name: str) -> str:
+            return f"{path}.{name}" if path else name
+
         for name in module._parameters:
-            full = f"{path}.{name}" if path else name
-            if full in state:
-                copy._parameters[name] = torch.nn.Parameter(state[full], requires_grad=False)
+            if full(name) in state:
+                copy._parameters[name] = torch.nn.Parameter(state[full(name)], requires_grad=False)
         for name in module._buffers:
-            full = f"{path}.{name}" if path else name
-            if full in state:
-                copy._buffers[name] = state[full]
+            if full(name) in state:
+                copy._buffers[name] = state[full(name)]
         for name, child in module._modules.items():
             if child is not None:
-                child_path = f"{path}.{name}" if path else name
-                copy._modules[name] = self._copy(child, child_path, state, layers, layer_tensors)
+                copy._modules[name] = self._copy(child, full(name), state, layers, layer_tensors)
         if shared is not None:
             layers[shared] = copy
         return copy

@@ -147,11 +147,15 @@ class Target:
         probs = log_probs.exp()
         return cls(probs, (probs * log_probs).sum(-1), mask)
 
-    def kl_sum(self, logits: torch.Tensor) -> float:
-        """Sum over real tokens of KL(teacher || model)."""
+    def kl_per_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || model) at each position, 0 where the mask has no real token: [batch, seq]."""
         logits = logits.float()
         per_token = self.self_term - (self.probs * logits).sum(-1) + torch.logsumexp(logits, dim=-1)
-        return float(torch.where(self.mask, per_token, 0).sum())
+        return torch.where(self.mask, per_token, 0)
+
+    def kl_sum(self, logits: torch.Tensor) -> float:
+        """Sum over real tokens of KL(teacher || model)."""
+        return float(self.kl_per_token(logits).sum())
 
 
 def greedy_order(scorer: KLScorer, on_step=None) -> list[int]:
